@@ -1,0 +1,1 @@
+"""PRORec for RecBole."""
