@@ -1,0 +1,223 @@
+"""Layered YAML configuration on top of RecBole's ``Config``.
+
+Layers, lowest priority first: RecBole's internal defaults, ``properties/overall.yaml``
+(the paper's protocol), ``properties/dataset/<dataset>.yaml``, ``properties/model/<model>.yaml``,
+the named variant in ``properties/variants.yaml``, the user's ``--config_files``, then
+``--key=value`` overrides. The dataset folder is resolved by us (``data.find_dataset``) rather
+than by RecBole, which would force ``ml-100k`` to its bundled copy and prompt for downloads.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+import yaml
+from recbole.config import Config
+from recbole.utils import get_model
+
+from recbole_prorec import PROJECT_ROOT
+from recbole_prorec.data import find_dataset, search_folders
+
+PROPERTIES = PROJECT_ROOT / "properties"
+
+# Models that live in this package; RecBole's ``get_model`` only searches its own modules.
+OWN_MODELS = {
+    "PRORec": "recbole_prorec.generative:PRORec",
+    "PRORecDIN": "recbole_prorec.alignment:PRORecDIN",
+}
+# Our models that share another model's YAML (Stage I reads the one PRORec file).
+MODEL_YAML = {"PRORecDIN": "PRORec"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A runnable model: the label shown in tables, its class and the variant's overrides."""
+
+    label: str
+    model_class: type
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.model_class.__name__
+
+
+def load_yaml(path: Path) -> dict:
+    """Read a YAML file with RecBole's loader (so ``1e-3`` is a float), naming the file on error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=Config._build_yaml_loader(None))
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path} is not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
+def variants() -> dict[str, dict]:
+    return load_yaml(PROPERTIES / "variants.yaml")
+
+
+def model_class(name: str) -> type:
+    """Our own model classes by name, else RecBole's built-in ones."""
+    if name in OWN_MODELS:
+        module, attr = OWN_MODELS[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+    try:
+        return get_model(name)
+    except ValueError:
+        known = sorted(set(OWN_MODELS) | set(variants()))
+        raise ValueError(
+            f"unknown model '{name}': neither one of ours or a named variant ({', '.join(known)}) "
+            "nor a RecBole built-in model (see recbole.model)"
+        ) from None
+
+
+def resolve_model(label: str) -> ModelSpec:
+    """Turn a ``--model`` value (a model name or a variant from variants.yaml) into a spec."""
+    table = variants()
+    if label in table:
+        overrides = dict(table[label])
+        base = overrides.pop("model", None)
+        if base is None:
+            raise ValueError(f"variant '{label}' in {PROPERTIES / 'variants.yaml'} lacks 'model'")
+        return ModelSpec(label, model_class(base), overrides)
+    return ModelSpec(label, model_class(label))
+
+
+def default_files(model: str, dataset: str) -> list[Path]:
+    """The project's YAML layers that exist for this model and dataset."""
+    files = [
+        PROPERTIES / "overall.yaml",
+        PROPERTIES / "dataset" / f"{dataset}.yaml",
+        PROPERTIES / "model" / f"{MODEL_YAML.get(model, model)}.yaml",
+    ]
+    return [f for f in files if f.is_file()]
+
+
+_TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "dict"}
+
+
+def _kind(value: Any) -> type | None:
+    for t in (bool, int, float, str, list, dict):
+        if isinstance(value, t):
+            return t
+    return None
+
+
+def check_types(defaults: Mapping[str, Any], given: Mapping[str, Any], source: str) -> None:
+    """Refuse a value whose type differs from the documented default (int is fine for float)."""
+    for key, value in given.items():
+        ref = defaults.get(key)
+        if ref is None or value is None:
+            continue
+        want, got = _kind(ref), _kind(value)
+        if want is None or got == want or (want is float and got is int):
+            continue
+        if want is list and got is tuple:
+            continue
+        raise ValueError(
+            f"config key '{key}' from {source} must be {_TYPE_NAMES[want]} "
+            f"(default {ref!r}), got {_TYPE_NAMES.get(got, type(value).__name__)} {value!r}"
+        )
+
+
+class ProjectConfig(Config):
+    """RecBole's Config with our layers, our data folder, CPU-capable DDP and type checks."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        dataset: str,
+        config_files: Iterable[str | Path] = (),
+        overrides: Mapping[str, Any] | None = None,
+        data_folder: Path | None = None,
+    ):
+        self._cli_overrides = dict(overrides or {})
+        self._data_folder = data_folder
+        self._user_files = [Path(f) for f in config_files]
+        for f in self._user_files:
+            if not f.is_file():
+                raise FileNotFoundError(f"config file not found: {f} (from --config_files)")
+        files = default_files(spec.name, dataset)
+        self._project_defaults = {}
+        for f in files:
+            self._project_defaults.update(load_yaml(f))
+        variant = dict(spec.overrides)
+        super().__init__(
+            model=spec.model_class,
+            dataset=dataset,
+            config_file_list=[str(f) for f in files + self._user_files],
+            config_dict=variant,
+        )
+        self.final_config_dict["model_label"] = spec.label
+
+    def _load_cmd_line(self) -> dict:
+        # RecBole would parse sys.argv itself; our runner hands over the parsed overrides instead.
+        return self._convert_config_dict(dict(self._cli_overrides))
+
+    def _set_default_parameters(self) -> None:
+        self._check_user_types()
+        cfg = self.final_config_dict
+        # CE-trained sequential models need no sampled negatives; RecBole errors unless told so.
+        if "train_neg_sample_args" not in self.external_config_dict and cfg.get("loss_type") != "BPR":
+            cfg["train_neg_sample_args"] = None
+        super()._set_default_parameters()
+        folder = self._data_folder or find_dataset(
+            self.dataset,
+            search_folders(self.external_config_dict.get("data_path"), cfg.get("data_search_paths")),
+        )
+        cfg["data_path"] = str(Path(folder) / self.dataset)
+
+    def _check_user_types(self) -> None:
+        defaults = dict(self.internal_config_dict)
+        defaults.update(self._project_defaults)
+        for f in self._user_files:
+            check_types(defaults, load_yaml(f), str(f))
+        check_types(defaults, self.cmd_config_dict, "the command line")
+
+    def _init_device(self) -> None:
+        # RecBole's DDP hard-codes NCCL and CUDA; on a CPU-only machine use gloo instead.
+        cfg = self.final_config_dict
+        if "local_rank" not in cfg or torch.cuda.is_available():
+            super()._init_device()
+            return
+        cfg["gpu_id"] = str(cfg["gpu_id"])
+        torch.distributed.init_process_group(
+            backend="gloo",
+            rank=cfg["local_rank"] + cfg["offset"],
+            world_size=cfg["world_size"],
+            init_method=f"tcp://{cfg['ip']}:{cfg['port']}",
+        )
+        cfg["device"] = torch.device("cpu")
+        cfg["single_spec"] = False
+        if cfg["local_rank"] != 0:
+            cfg["state"] = "error"
+            cfg["show_progress"] = False
+            cfg["verbose"] = False
+
+
+_SKIP = object()
+
+
+def plain_config(config: Config) -> dict:
+    """The JSON-like part of a config, safe for ``torch.load(weights_only=True)`` and for hashing."""
+
+    def plain(v: Any) -> Any:
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, (list, tuple)):
+            items = [plain(x) for x in v]
+            return None if any(x is _SKIP for x in items) else items
+        if isinstance(v, dict):
+            out = {str(k): plain(x) for k, x in v.items()}
+            return {k: x for k, x in out.items() if x is not _SKIP}
+        return _SKIP
+
+    out = {k: plain(v) for k, v in config.final_config_dict.items()}
+    return {k: v for k, v in out.items() if v is not _SKIP}

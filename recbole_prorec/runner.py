@@ -1,0 +1,173 @@
+"""Command-line runner: any RecBole sequential model or PRORec, one protocol, one results table.
+
+Deliberately avoids ``recbole.quick_start`` (it imports ray at import time and can only find
+RecBole's own models); it builds config, dataset, loaders, model and trainer itself.
+"""
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from datetime import datetime
+from dataclasses import dataclass, field
+from logging import getLogger
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch.multiprocessing as mp
+from recbole.data import create_dataset, data_preparation
+from recbole.utils import init_logger, init_seed
+
+from recbole_prorec import PROJECT_ROOT
+from recbole_prorec.config import ModelSpec, ProjectConfig, resolve_model
+from recbole_prorec.data import check_columns, statistics, statistics_table
+from recbole_prorec.trainer import SafeTrainer
+
+TABLE_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+
+
+@dataclass
+class RunResult:
+    """What one training run produced, enough for a results-table row."""
+
+    label: str
+    dataset: str
+    seed: int
+    best_epoch: int
+    epochs_run: int
+    train_time: float
+    valid: dict = field(default_factory=dict)
+    test: dict = field(default_factory=dict)
+
+    def row(self) -> str:
+        cells = [self.label] + [f"{self.test.get(m, float('nan')):.4f}" for m in TABLE_METRICS]
+        cells += [str(self.best_epoch), f"{self.train_time:.1f}", str(self.seed)]
+        return "| " + " | ".join(cells) + " |"
+
+
+def results_table(results: Sequence[RunResult]) -> str:
+    head = ["model", "Recall@10", "Recall@20", "NDCG@10", "NDCG@20", "best epoch", "train s", "seed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + [r.row() for r in results])
+
+
+def prepare_data(spec: ModelSpec, dataset: str, config_files: Sequence[str], overrides: Mapping) -> Path | None:
+    """Run Stage I for generative models; returns the folder of the unicode-augmented dataset."""
+    if spec.name != "PRORec":
+        return None
+    from recbole_prorec.unicode import build_unicodes
+
+    return build_unicodes(dataset, config_files, {**spec.overrides, **overrides})
+
+
+def run(
+    label: str,
+    dataset: str,
+    config_files: Sequence[str] = (),
+    overrides: Mapping[str, Any] | None = None,
+    stage: str = "all",
+) -> RunResult | Path:
+    """Train and test one model on one dataset (``stage='unicode'`` stops after PRORec's Stage I)."""
+    overrides = dict(overrides or {})
+    spec = resolve_model(label)
+    folder = prepare_data(spec, dataset, config_files, overrides)
+    if stage == "unicode":
+        if folder is None:
+            raise ValueError(f"--stage=unicode needs a PRORec model, not {label}")
+        return folder
+    config = ProjectConfig(spec, dataset, config_files, overrides, data_folder=folder)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(config)
+    check_columns(Path(config["data_path"]).parent, dataset, config["load_col"])
+    data = create_dataset(config)
+    logger.info(data)
+    logger.info("dataset statistics\n" + statistics_table(dataset, statistics(data)))
+    train, valid, test = data_preparation(config, data)
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = spec.model_class(config, train._dataset).to(config["device"])
+    logger.info(model)
+    trainer = SafeTrainer(config, model)
+    show = config["show_progress"]
+    trainer.fit(train, valid, saved=True, show_progress=show)
+    test_result = trainer.evaluate(test, load_best_model=True, show_progress=show)
+    logger.info(f"best valid: {trainer.best_valid_result}")
+    logger.info(f"test result: {test_result}")
+    return RunResult(
+        label=label,
+        dataset=dataset,
+        seed=config["seed"],
+        best_epoch=trainer.best_epoch,
+        epochs_run=trainer.epochs_run,
+        train_time=trainer.train_time,
+        valid=dict(trainer.best_valid_result or {}),
+        test=dict(test_result or {}),
+    )
+
+
+def _ddp_worker(rank: int, args: tuple, queue) -> None:
+    label, dataset, config_files, overrides, stage = args
+    result = run(label, dataset, config_files, {**overrides, "local_rank": rank}, stage)
+    if rank == 0:
+        queue.put(result)
+
+
+def run_distributed(label, dataset, config_files, overrides, stage, nproc: int):
+    """RecBole's multi-process DDP (gloo on CPU, NCCL on GPU); rank 0's result is returned."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ddp = {"world_size": nproc, "nproc": nproc, "offset": 0, "ip": "127.0.0.1", "port": port}
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_ddp_worker, args=((label, dataset, config_files, {**overrides, **ddp}, stage), queue), nprocs=nproc)
+    return queue.get()
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str, str]]:
+    parser = argparse.ArgumentParser(
+        description="Train and evaluate RecBole sequential models and PRORec under one protocol. "
+        "Any other RecBole or PRORec config key is accepted as --key=value.",
+    )
+    parser.add_argument("--model", default="PRORec", help="model or variant; comma-separated to compare")
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--config_files", default="", help="comma-separated YAML files")
+    parser.add_argument("--nproc", type=int, default=1, help="processes for RecBole's DDP")
+    parser.add_argument("--stage", choices=["all", "unicode"], default="all")
+    parser.add_argument("--results_file", default=None, help="Markdown table (default results/<dataset>.md)")
+    args, rest = parser.parse_known_args(argv)
+    overrides = {}
+    for arg in rest:
+        key, sep, value = arg.partition("=")
+        if not (key.startswith("--") and sep and len(key) > 2):
+            parser.error(f"unrecognised argument {arg!r}: config keys are given as --key=value")
+        overrides[key[2:]] = value
+    return args, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> list[RunResult]:
+    args, overrides = parse_args(argv)
+    files = [f for f in args.config_files.split(",") if f]
+    labels = [m.strip() for m in args.model.split(",") if m.strip()]
+    for label in labels:  # fail fast on a typo before hours of training
+        resolve_model(label)
+    results = []
+    for label in labels:
+        if args.nproc > 1:
+            result = run_distributed(label, args.dataset, files, overrides, args.stage, args.nproc)
+        else:
+            result = run(label, args.dataset, files, overrides, args.stage)
+        if isinstance(result, Path):
+            print(f"unicode dataset written to {result}")
+            continue
+        results.append(result)
+    if results:
+        table = results_table(results)
+        out = Path(args.results_file or PROJECT_ROOT / "results" / f"{args.dataset}.md")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        command = " ".join(["python run_recbole_prorec.py", *(argv if argv is not None else sys.argv[1:])])
+        with open(out, "a", encoding="utf-8") as f:  # append: earlier results are never lost
+            f.write(f"\n## {args.dataset}, {datetime.now():%Y-%m-%d %H:%M}\n\n`{command}`\n\n{table}\n")
+        print(table)
+        print(f"results written to {out}")
+    return results

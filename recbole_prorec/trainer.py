@@ -1,0 +1,137 @@
+"""RecBole's trainer, made safe for torch>=2.6 checkpoints, CPU DDP and wall-clock budgets.
+
+RecBole pickles its whole ``Config`` into checkpoints and reloads them with ``torch.load``,
+which refuses arbitrary objects under ``weights_only=True``. We store state dicts plus plain
+data only, and always reload with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+from time import monotonic
+from typing import Any
+
+import torch
+from recbole.trainer import Trainer
+from recbole.utils import set_color
+from torch.nn.parallel import DistributedDataParallel
+
+from recbole_prorec.config import plain_config
+
+
+class _BudgetExhausted(Exception):
+    """Raised between epochs once the configured ``train_time_budget`` is spent."""
+
+
+def load_checkpoint(path: str, device: torch.device | str = "cpu") -> dict:
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+class SafeTrainer(Trainer):
+    """Trainer with ``weights_only`` checkpoints, gloo DDP on CPU, a time budget and bookkeeping.
+
+    Records ``best_epoch`` (epoch of the best validation score), ``train_time`` (seconds spent in
+    training epochs, evaluation excluded) and ``epochs_run``.
+    """
+
+    def __init__(self, config, model):
+        distributed = not config["single_spec"]
+        # RecBole builds DDP with device_ids=[rank], which only works on CUDA; we build it below.
+        config["single_spec"] = True
+        try:
+            super().__init__(config, model)
+        finally:
+            config["single_spec"] = not distributed
+        if distributed:
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            on_gpu = config["device"].type == "cuda"
+            self.distributed_model = DistributedDataParallel(
+                self.model, device_ids=[config["local_rank"]] if on_gpu else None
+            )
+        self.time_budget = config["train_time_budget"]
+        self.best_epoch = -1
+        self.train_time = 0.0
+        self.epochs_run = 0
+        self._fit_start = 0.0
+        self._batches_per_epoch = 1
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        self._fit_start = monotonic()
+        try:
+            return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        except _BudgetExhausted:
+            self.logger.info(
+                set_color("train_time_budget", "yellow")
+                + f" of {self.time_budget}s spent after {self.epochs_run} epochs; stopping"
+            )
+            if saved and self.best_epoch < 0:
+                self._save_checkpoint(self.epochs_run - 1, verbose=verbose)
+            return self.best_valid_score, self.best_valid_result
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        if self.time_budget and monotonic() - self._fit_start >= self.time_budget and self.epochs_run:
+            raise _BudgetExhausted
+        start = monotonic()
+        self._batches_per_epoch = len(train_data)
+        loss = super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
+        self.train_time += monotonic() - start
+        self.epochs_run += 1
+        return loss
+
+    def _generate_train_loss_output(self, epoch_idx, s_time, e_time, losses):
+        names = getattr(self.model, "loss_names", None)
+        if not isinstance(losses, tuple) or not names or len(names) != len(losses):
+            return super()._generate_train_loss_output(epoch_idx, s_time, e_time, losses)
+        n_batches = max(1, self._batches_per_epoch)
+        parts = ", ".join(
+            set_color(name, "blue") + f": {loss / n_batches:.4f}" for name, loss in zip(names, losses)
+        )
+        return (
+            set_color("epoch %d training", "green") % epoch_idx
+            + " ["
+            + set_color("time", "blue")
+            + f": {e_time - s_time:.2f}s, mean per batch: {parts}]"
+        )
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+            return
+        self.best_epoch = epoch
+        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+        state = {
+            "config": plain_config(self.config),
+            "epoch": int(epoch),
+            "cur_step": int(self.cur_step),
+            "best_valid_score": float(self.best_valid_score),
+            "state_dict": self.model.state_dict(),
+            "other_parameter": self.model.other_parameter(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+        torch.save(state, saved_model_file)
+        if verbose:
+            self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
+
+    def resume_checkpoint(self, resume_file):
+        checkpoint = load_checkpoint(str(resume_file), self.device)
+        self.saved_model_file = str(resume_file)
+        self.start_epoch = checkpoint["epoch"] + 1
+        self.cur_step = checkpoint["cur_step"]
+        self.best_valid_score = checkpoint["best_valid_score"]
+        self._load_state(checkpoint)
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
+
+    def _load_state(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint["config"].get("model") != self.config["model"]:
+            raise ValueError(
+                f"checkpoint holds model {checkpoint['config'].get('model')}, "
+                f"not {self.config['model']}"
+            )
+        self.model.load_state_dict(checkpoint["state_dict"])
+        self.model.load_other_parameter(checkpoint.get("other_parameter"))
+
+    @torch.no_grad()
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if eval_data and load_best_model:
+            checkpoint_file = model_file or self.saved_model_file
+            self._load_state(load_checkpoint(checkpoint_file, self.device))
+            self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
+        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
