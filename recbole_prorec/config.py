@@ -28,8 +28,8 @@ OWN_MODELS = {
     "PRORec": "recbole_prorec.generative:PRORec",
     "PRORecDIN": "recbole_prorec.alignment:PRORecDIN",
 }
-# Our models that share another model's YAML (Stage I reads the one PRORec file).
-MODEL_YAML = {"PRORecDIN": "PRORec"}
+# YAML files of our models: PRORec also reads Stage I's keys, since it runs Stage I first.
+MODEL_YAML = {"PRORec": ["PRORecDIN", "PRORec"]}
 
 
 @dataclass(frozen=True)
@@ -91,12 +91,10 @@ def resolve_model(label: str) -> ModelSpec:
 
 
 def default_files(model: str, dataset: str) -> list[Path]:
-    """The project's YAML layers that exist for this model and dataset."""
-    files = [
-        PROPERTIES / "overall.yaml",
-        PROPERTIES / "dataset" / f"{dataset}.yaml",
-        PROPERTIES / "model" / f"{MODEL_YAML.get(model, model)}.yaml",
-    ]
+    """The project's YAML layers that exist for this model and dataset (dataset keys win)."""
+    files = [PROPERTIES / "overall.yaml"]
+    files += [PROPERTIES / "model" / f"{m}.yaml" for m in MODEL_YAML.get(model, [model])]
+    files.append(PROPERTIES / "dataset" / f"{dataset}.yaml")
     return [f for f in files if f.is_file()]
 
 
@@ -167,6 +165,11 @@ class ProjectConfig(Config):
         # CE-trained sequential models need no sampled negatives; RecBole errors unless told so.
         if "train_neg_sample_args" not in self.external_config_dict and cfg.get("loss_type") != "BPR":
             cfg["train_neg_sample_args"] = None
+        extra = getattr(self.model_class, "item_columns", ())
+        if extra:
+            load_col = cfg.setdefault("load_col", {}) or {}
+            load_col["item"] = list(dict.fromkeys([cfg["ITEM_ID_FIELD"], *load_col.get("item", []), *extra]))
+            cfg["load_col"] = load_col
         super()._set_default_parameters()
         folder = self._data_folder or find_dataset(
             self.dataset,

@@ -43,7 +43,7 @@ class Codes:
 
     @property
     def max_length(self) -> int:
-        return max(len(code) for code in self.codes)
+        return max((len(code) for code in self.codes), default=0)
 
     def as_array(self, pad: int = -1) -> np.ndarray:
         """[n_items, max_length] int64 array, shorter codes right-padded with ``pad``."""
@@ -66,7 +66,7 @@ class Codes:
 
 
 def _code_stats(codes: list[tuple[int, ...]], K: int, collisions: int) -> dict:
-    max_length = max(len(code) for code in codes)
+    max_length = max((len(code) for code in codes), default=0)
     usage = [len({code[level] for code in codes if len(code) > level}) / K
              for level in range(max_length)]
     return {
@@ -118,7 +118,7 @@ def hkmeans(emb: np.ndarray, K: int = 256, seed: int = 2020, n_init: int = 1,
 
     K-means with K clusters splits every node holding more than K items; the code is the
     cluster index at each level. A node with at most K items is a leaf level: its items get
-    indices 0..m-1 (so even a single item in a cluster gets one extra code). Children of a node
+    indices 0..m-1 (so a singleton cluster still adds one level, index 0). Children of a node
     are therefore all clusters or all leaves, which makes the codes prefix-free and of variable
     length. Items sharing a length-l prefix were in the same cluster at level l.
 
@@ -238,8 +238,10 @@ def rqvae(emb: np.ndarray, K: int = 256, levels: int = 3, seed: int = 2020, epoc
     group's extra level uses as many base-K digits as needed (longer codes, still unique and
     prefix-free) and a warning is logged.
     """
+    if levels < 1:
+        raise ValueError(f"rqvae levels must be >= 1, got {levels}")
     x_all = torch.as_tensor(emb, dtype=torch.float32)
-    x_all = (x_all - x_all.mean(0)) / x_all.std().clamp(min=1e-8)
+    x_all = (x_all - x_all.mean(0)) / x_all.std(correction=0).clamp(min=1e-8)
     # seed locally, leaving the caller's RNG alone
     with torch.random.fork_rng(devices=[]), _cpu_threads(device):
         torch.manual_seed(seed)

@@ -37,7 +37,7 @@ def read_item_table(item_file: Path, id_field: str = "item_id") -> pd.DataFrame:
     """Read a RecBole atomic ``.item`` file with every column as a raw string.
 
     Headers look like ``title:token_seq``; columns are renamed to the bare field name.
-    Quoting is disabled because RecBole writes titles with unbalanced quotes verbatim.
+    Quoting is disabled so quote characters in titles are kept verbatim, never parsed.
     """
     item_file = Path(item_file)
     if not item_file.is_file():
@@ -94,11 +94,13 @@ def build_item_texts(
     missing = sorted({col for col in fields if col not in table.columns})
     if missing:
         raise ValueError(
-            f"Text columns {missing} not found{where} (available: {list(table.columns)})"
+            f"Text fields {missing} (text_columns/text_template) not found{where}; "
+            f"available columns: {list(table.columns)}"
         )
     if not columns:
         raise ValueError(f"No text columns configured for items{where}")
-    records = table.drop_duplicates(id_field).set_index(id_field, drop=False)[fields].to_dict("index")
+    unique = table.drop_duplicates(id_field).set_index(id_field, drop=False)
+    records = unique[fields].to_dict("index")
     segments = _default_template(columns)
     texts, n_empty = [], 0
     for token in item_tokens:
@@ -183,9 +185,9 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tenso
 
 def _effective_dtype(dtype: str, device: str) -> str:
     if dtype not in DTYPES:
-        raise ValueError(f"semantic dtype must be one of {list(DTYPES)}, got '{dtype}'")
+        raise ValueError(f"semantic_dtype must be one of {list(DTYPES)}, got '{dtype}'")
     if dtype != "float32" and not str(device).startswith("cuda"):
-        logger.warning(f"semantic dtype {dtype} is not supported well on {device}; using float32")
+        logger.warning(f"semantic_dtype={dtype} is not supported well on {device}; using float32")
         return "float32"
     return dtype
 
@@ -208,7 +210,7 @@ def encode_texts(
     order to minimise padding, and the output keeps the input order.
     """
     if pooling not in POOLINGS:
-        raise ValueError(f"semantic pooling must be one of {POOLINGS}, got '{pooling}'")
+        raise ValueError(f"semantic_pooling must be one of {POOLINGS}, got '{pooling}'")
     if not texts:
         raise ValueError("No texts to encode")
     dtype = _effective_dtype(dtype, device)
@@ -220,7 +222,7 @@ def encode_texts(
             logger.info(f"Loaded cached semantic embeddings from {cache_file}")
             return np.load(cache_file)
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"semantic device '{device}' requested but CUDA is not available")
+        raise ValueError(f"semantic_device='{device}' requested but CUDA is not available")
     tokenizer, model = _load_encoder(encoder, DTYPES[dtype], device)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
     chunks = []
@@ -230,7 +232,7 @@ def encode_texts(
             inputs = tokenizer(batch, padding=True, truncation=True, max_length=max_length,
                                return_tensors="pt").to(device)
             hidden = model(**inputs).last_hidden_state
-            pooled = _pool(hidden, inputs["attention_mask"], pooling).float()
+            pooled = _pool(hidden.float(), inputs["attention_mask"], pooling)
             if normalize:
                 pooled = torch.nn.functional.normalize(pooled, dim=-1)
             chunks.append(pooled.cpu())
@@ -285,7 +287,8 @@ def item_semantic_embeddings(
         table = read_item_table(Path(item_file), id_field)
         texts, n_empty = build_item_texts(table, item_tokens, columns, template, id_field,
                                           source=str(item_file))
-        logger.info(f"{n_empty}/{len(texts)} items have no text; they use '{EMPTY_TEXT_PLACEHOLDER}'")
+        logger.info(f"{n_empty}/{len(texts)} items have no text and share the text "
+                    f"'{EMPTY_TEXT_PLACEHOLDER}'")
         emb = encode_texts(texts, encoder, pooling, batch_size, max_length, device, dtype,
                            cache_dir)
     logger.info(f"Semantic embeddings {emb.shape} ready in {time.time() - start:.1f}s")

@@ -47,11 +47,19 @@ class SafeTrainer(Trainer):
                 self.model, device_ids=[config["local_rank"]] if on_gpu else None
             )
         self.time_budget = config["train_time_budget"]
+        self._add_warmup(config["warmup_steps"] or 0)
         self.best_epoch = -1
         self.train_time = 0.0
         self.epochs_run = 0
         self._fit_start = 0.0
         self._batches_per_epoch = 1
+
+    def _add_warmup(self, steps: int) -> None:
+        """Linear learning-rate warmup over the first ``warmup_steps`` optimizer steps, then constant."""
+        if steps <= 0:
+            return
+        scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / steps))
+        self.optimizer.register_step_post_hook(lambda *_: scheduler.step())
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self._fit_start = monotonic()

@@ -1,0 +1,241 @@
+"""PRORec Stage II: Transformer encoder-decoder that generates the next item's unicode.
+
+Loss = L_GR + mu * L_IKD (paper eq. 8). L_GR is the cross-entropy of each code token of the target
+(eq. 6, summed over code positions, padding excluded). L_IKD (eq. 7) contrasts the decoder's final
+state at a learnable [IKD] token appended after the code tokens with the target's Stage-I integrated
+embedding (positive) and ``ikd_negatives`` other items' embeddings (negatives).
+Inference is a beam search constrained to real codes; ``full_sort_predict`` returns the beam scores
+of the decoded items and -inf elsewhere, so RecBole's own metrics apply unchanged.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType
+from torch import nn
+
+from recbole_prorec.decoding import CodeTrie, constrained_beam_search, scores_to_full
+
+UNICODE_FIELD = "unicode"
+
+
+def load_codes(dataset, field: str, data_file: str) -> torch.Tensor:
+    """Codes [n_items, max_len] (-1 padded) from the dataset's ``unicode`` token_seq feature."""
+    if field not in dataset.field2type:
+        raise ValueError(
+            f"dataset '{dataset.dataset_name}' has no '{field}' column in {data_file}: run Stage I first "
+            f"(python run_recbole_prorec.py --model=PRORec --dataset={dataset.dataset_name} --stage=unicode) "
+            "or point data_path at its output folder"
+        )
+    tokens = dataset.field2id_token[field]
+    try:
+        value = np.array([-1] + [int(t) for t in tokens[1:]], dtype=np.int64)
+    except ValueError as e:
+        raise ValueError(f"{data_file}: '{field}' holds a non-integer code ({e})") from None
+    codes = torch.from_numpy(value)[dataset.item_feat[field].long()]
+    missing = torch.nonzero((codes < 0).all(dim=1)[1:]).flatten() + 1
+    if len(missing):
+        names = dataset.id2token(dataset.iid_field, missing[:5].numpy())
+        raise ValueError(f"{data_file}: {len(missing)} item(s) of the interactions have no '{field}' code, e.g. {list(names)}")
+    codes[0] = -1
+    return codes
+
+
+def load_integrated(dataset, data_dir: Path) -> torch.Tensor:
+    """Stage-I integrated embeddings aligned to the dataset's internal item ids (row 0 zeros)."""
+    name = dataset.dataset_name
+    emb_file, items_file = data_dir / f"{name}.emb.npy", data_dir / f"{name}.emb_items.txt"
+    if not emb_file.is_file() or not items_file.is_file():
+        raise FileNotFoundError(f"IKD needs Stage I's embeddings {emb_file} and {items_file} (or ikd_weight: 0)")
+    emb = np.load(emb_file)
+    tokens = items_file.read_text(encoding="utf-8").split("\n")[: len(emb)]
+    if emb.ndim != 2 or len(tokens) != len(emb):
+        raise ValueError(f"{emb_file} ({emb.shape}) does not match the {len(tokens)} tokens of {items_file}")
+    row_of = {t: i for i, t in enumerate(tokens)}
+    ids = dataset.field2id_token[dataset.iid_field][1:]
+    absent = [t for t in ids if t not in row_of]
+    if absent:
+        raise ValueError(f"{emb_file} is not the Stage-I output of this dataset: no embedding for items {absent[:5]}")
+    out = np.zeros((len(ids) + 1, emb.shape[1]), dtype=np.float32)
+    out[1:] = emb[[row_of[t] for t in ids]]
+    return torch.from_numpy(out)
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer layer over inputs shaped [users, beams, T, H].
+
+    Self-attention runs within each beam. The optional cross-attention treats all beams of a user
+    as one query sequence (beams do not interact there), so each user's encoder states are
+    projected to keys and values once per decoding step rather than once per beam. Dropout is
+    applied to the residual branches (and optionally to attention weights) but not inside the
+    feed-forward layer, whose wide activations make CPU dropout costly.
+    """
+
+    def __init__(self, hidden: int, heads: int, inner: int, dropout: float, attn_dropout: float, cross: bool):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(hidden, heads, dropout=attn_dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(hidden, heads, dropout=attn_dropout, batch_first=True) if cross else None
+        self.ffn = nn.Sequential(nn.Linear(hidden, inner), nn.GELU(), nn.Linear(inner, hidden))
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(3 if cross else 2))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, pad, causal=None, memory=None, memory_pad=None) -> torch.Tensor:
+        B, W, T, H = x.shape
+        h = self.norms[0](x).view(B * W, T, H)
+        h = self.self_attn(h, h, h, attn_mask=causal, key_padding_mask=pad, need_weights=False)[0]
+        x = x + self.dropout(h).view(B, W, T, H)
+        if self.cross_attn is not None:
+            h = self.norms[1](x).view(B, W * T, H)
+            h = self.cross_attn(h, memory, memory, key_padding_mask=memory_pad, need_weights=False)[0]
+            x = x + self.dropout(h).view(B, W, T, H)
+        return x + self.dropout(self.ffn(self.norms[-1](x)))
+
+
+class PRORec(SequentialRecommender):
+    """Generative recommender over Stage-I unicodes with intra-modality knowledge distillation."""
+
+    input_type = InputType.POINTWISE
+    loss_names = ("gen", "ikd")
+    item_columns = (UNICODE_FIELD,)
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        self.K = config["codebook_size"]
+        self.hidden = config["hidden_size"]
+        self.beam_size = config["beam_size"]
+        self.ikd_weight = config["ikd_weight"]
+        self.ikd_tau = config["ikd_tau"]
+        self.ikd_negatives = config["ikd_negatives"]
+        self._check(config)
+        data_file = str(Path(config["data_path"]) / f"{dataset.dataset_name}.item")
+        codes = load_codes(dataset, UNICODE_FIELD, data_file)
+        if codes.max() >= self.K:
+            raise ValueError(f"{data_file}: code {int(codes.max())} >= codebook_size {self.K}")
+        self.register_buffer("codes", codes, persistent=False)
+        self.code_len = codes.shape[1]
+        self.trie = CodeTrie(codes, self.K)  # validates uniqueness and prefix-freeness
+        self.bos, self.ikd_token = 1 + self.code_len * self.K, 2 + self.code_len * self.K
+        self.token_embedding = nn.Embedding(self.ikd_token + 1, self.hidden, padding_idx=0)
+        self.item_position = nn.Embedding(self.max_seq_length, self.hidden)
+        self.decoder_position = nn.Embedding(self.code_len + 2, self.hidden)
+        sizes = (self.hidden, config["n_heads"], config["inner_size"], config["dropout_prob"], config["attn_dropout_prob"])
+        self.encoder = nn.ModuleList(Block(*sizes, cross=False) for _ in range(config["n_encoder_layers"]))
+        self.decoder = nn.ModuleList(Block(*sizes, cross=True) for _ in range(config["n_decoder_layers"]))
+        self.encoder_norm = nn.LayerNorm(self.hidden)
+        self.decoder_norm = nn.LayerNorm(self.hidden)
+        self.dropout = nn.Dropout(config["dropout_prob"])
+        self.head = nn.Linear(self.hidden, self.code_len * self.K)  # one K-way classifier per level
+        if self.ikd_weight:
+            integrated = load_integrated(dataset, Path(config["data_path"]))
+            self.register_buffer("integrated", integrated, persistent=False)
+            self.ikd_proj = nn.Linear(self.hidden, integrated.shape[1])
+        self.apply(self._init_weights)
+
+    def _check(self, config) -> None:
+        if self.hidden % config["n_heads"]:
+            raise ValueError(f"hidden_size {self.hidden} is not divisible by n_heads {config['n_heads']}")
+        if self.beam_size < max(config["topk"]):
+            raise ValueError(f"beam_size {self.beam_size} must be >= max(topk) = {max(config['topk'])}")
+        if self.ikd_weight and (self.ikd_tau <= 0 or self.ikd_negatives < 1):
+            raise ValueError("ikd_tau must be > 0 and ikd_negatives >= 1 when ikd_weight > 0")
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def code_tokens(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code values [..., L] -> token ids (level-specific vocabulary; -1 -> padding 0)."""
+        offsets = 1 + self.K * torch.arange(codes.shape[-1], device=codes.device)
+        return torch.where(codes >= 0, codes + offsets, torch.zeros_like(codes))
+
+    def encode(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
+        """User history as unicode tokens -> encoder states [B, L*code_len, H] and padding mask."""
+        seq, seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        tokens = self.code_tokens(self.codes[seq])  # [B, L, C]
+        # position counted from the most recent item, so "last item" has one embedding
+        recency = (seq_len[:, None] - 1 - torch.arange(seq.shape[1], device=seq.device)).clamp(min=0)
+        x = self.token_embedding(tokens) + self.item_position(recency)[:, :, None]
+        x = self.dropout(x.flatten(1, 2))[:, None]
+        pad = tokens.flatten(1) == 0
+        for layer in self.encoder:
+            x = layer(x, pad)
+        return self.encoder_norm(x[:, 0]), pad
+
+    def decode(self, tokens: torch.Tensor, memory: torch.Tensor, memory_pad: torch.Tensor) -> torch.Tensor:
+        """Causal decoder states [B, W, T, H] for ``tokens`` [B, W, T] (W beams share a memory row)."""
+        B, W, T = tokens.shape
+        x = self.dropout(self.token_embedding(tokens) + self.decoder_position.weight[:T])
+        causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).triu(1)
+        pad = (tokens == 0).view(B * W, T)
+        for layer in self.decoder:
+            x = layer(x, pad, causal, memory, memory_pad)
+        return self.decoder_norm(x)
+
+    def level_logits(self, states: torch.Tensor, first_level: int = 0) -> torch.Tensor:
+        """Logits [N, T, K] of position t's code at level ``first_level + t``."""
+        T = states.shape[1]
+        weight = self.head.weight.view(self.code_len, self.K, self.hidden)[first_level : first_level + T]
+        bias = self.head.bias.view(self.code_len, self.K)[first_level : first_level + T]
+        return torch.einsum("nth,tkh->ntk", states, weight) + bias
+
+    def teacher_forced(self, interaction, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits [B, C, K] of each code of ``items``, its codes [B, C] and the [IKD] state [B, H]."""
+        memory, pad = self.encode(interaction)
+        codes = self.codes[items]
+        B = len(items)
+        bos = torch.full((B, 1), self.bos, device=items.device)
+        ikd = torch.full((B, 1), self.ikd_token, device=items.device)
+        tokens = torch.cat([bos, self.code_tokens(codes), ikd], dim=1)
+        states = self.decode(tokens[:, None], memory, pad)[:, 0]
+        return self.level_logits(states[:, : self.code_len]), codes, states[:, -1]
+
+    def calculate_loss(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
+        target = interaction[self.POS_ITEM_ID]
+        logits, codes, ikd_state = self.teacher_forced(interaction, target)
+        gen = F.cross_entropy(logits.flatten(0, 1), codes.flatten(), ignore_index=-1, reduction="sum") / len(target)
+        if not self.ikd_weight:
+            return gen, torch.zeros((), device=gen.device)
+        return gen, self.ikd_weight * self.ikd_loss(ikd_state, target)
+
+    def ikd_loss(self, state: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """-log softmax of sim(h, z_target) against sim(h, z_negative) (cosine / tau)."""
+        # uniform over the real items other than the target
+        neg = torch.randint(1, self.n_items - 1, (len(target), self.ikd_negatives), device=target.device)
+        neg = neg + (neg >= target[:, None]).long()
+        z = F.normalize(self.integrated[torch.cat([target[:, None], neg], dim=1)], dim=-1)
+        h = F.normalize(self.ikd_proj(state), dim=-1)
+        logits = torch.einsum("bd,bnd->bn", h, z) / self.ikd_tau
+        return F.cross_entropy(logits, torch.zeros_like(target))
+
+    def predict(self, interaction) -> torch.Tensor:
+        """Log-likelihood of each given item's code (sum over its code tokens)."""
+        logits, codes, _ = self.teacher_forced(interaction, interaction[self.ITEM_ID])
+        logp = logits.log_softmax(-1).gather(-1, codes.clamp(min=0)[..., None]).squeeze(-1)
+        return logp.masked_fill(codes < 0, 0).sum(-1)
+
+    @torch.no_grad()
+    def beam_search(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top ``beam_size`` items [B, W] and their code log-likelihoods, best first."""
+        memory, pad = self.encode(interaction)  # once per user, shared by its beams
+        B, W = memory.shape[0], self.beam_size
+        if self.trie.device != memory.device:
+            self.trie.to(memory.device)
+        bos = torch.full((B * W, 1), self.bos, device=memory.device)
+
+        def step(prefix: torch.Tensor) -> torch.Tensor:
+            tokens = torch.cat([bos, self.code_tokens(prefix)], dim=1).view(B, W, -1)
+            last = self.decode(tokens, memory, pad)[:, :, -1].reshape(B * W, 1, -1)
+            return self.level_logits(last, prefix.shape[1])[:, 0].log_softmax(-1)
+
+        return constrained_beam_search(step, self.trie, B, W)
+
+    def full_sort_predict(self, interaction) -> torch.Tensor:
+        items, scores = self.beam_search(interaction)
+        return scores_to_full(items, scores, self.n_items)
