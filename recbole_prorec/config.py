@@ -70,7 +70,7 @@ def model_class(name: str) -> type:
         return getattr(importlib.import_module(module), attr)
     try:
         return get_model(name)
-    except ValueError:
+    except (ValueError, ImportError):  # RecBole tries its lightgbm/xgboost modules last
         known = sorted(set(OWN_MODELS) | set(variants()))
         raise ValueError(
             f"unknown model '{name}': neither one of ours or a named variant ({', '.join(known)}) "
@@ -167,7 +167,8 @@ class ProjectConfig(Config):
             cfg["train_neg_sample_args"] = None
         extra = getattr(self.model_class, "item_columns", ())
         if extra:
-            load_col = cfg.setdefault("load_col", {}) or {}
+            # a new dict: the one in cfg may be the caller's own override, which must stay as given
+            load_col = dict(cfg.get("load_col") or {})
             load_col["item"] = list(dict.fromkeys([cfg["ITEM_ID_FIELD"], *load_col.get("item", []), *extra]))
             cfg["load_col"] = load_col
         super()._set_default_parameters()

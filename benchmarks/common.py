@@ -1,0 +1,351 @@
+"""Shared helpers of the benchmark scripts: where we ran, timing, peak memory, CLI, tables,
+and a synthetic RecBole atomic dataset that real models can be built on.
+
+Nothing here asserts a timing; the scripts print what they measure.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+# progress bars of k-means, encoders and loaders would drown the tables
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python benchmarks/x.py` puts benchmarks/ first, not the root
+    sys.path.insert(0, str(ROOT))
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def environment() -> dict[str, str]:
+    """CPU model, core count, torch version, GPU name (if any), Python version."""
+    env = {
+        "cpu": cpu_model(),
+        "cores": str(os.cpu_count()),
+        "torch threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["cuda"] = str(torch.version.cuda)
+    else:
+        env["gpu"] = "none"
+    try:
+        load = os.getloadavg()
+        env["load avg (1 min)"] = f"{load[0]:.2f}"
+    except OSError:
+        pass
+    return env
+
+
+def environment_line() -> str:
+    return "environment: " + "; ".join(f"{k}: {v}" for k, v in environment().items())
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    median: float  # seconds
+    times: list[float]
+
+    @property
+    def ms(self) -> float:
+        return self.median * 1e3
+
+
+def time_fn(
+    fn: Callable[[], Any],
+    device: torch.device | str = "cpu",
+    warmup: int = 1,
+    repeats: int = 3,
+    min_time: float = 0.0,
+    max_repeats: int = 50,
+) -> Timing:
+    """Median wall time of ``fn()`` after ``warmup`` calls (GPU synchronised around each call).
+
+    Runs at least ``repeats`` calls, and more (up to ``max_repeats``) until ``min_time`` seconds
+    were measured, so millisecond calls get a stable median.
+    """
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: list[float] = []
+    while len(times) < max(1, repeats) or (sum(times) < min_time and len(times) < max_repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return Timing(statistics.median(times), times)
+
+
+@contextmanager
+def wall_clock() -> Iterator[list[float]]:
+    """``with wall_clock() as t: ...``; afterwards ``t[0]`` holds the seconds spent."""
+    out: list[float] = []
+    start = time.perf_counter()
+    try:
+        yield out
+    finally:
+        out.append(time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _rss() -> int:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:  # Linux fallback: resident pages from /proc/self/statm
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _release_free_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS, so RSS growth is measurable."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory growth (bytes) of a block of code.
+
+    GPU: ``torch.cuda.max_memory_allocated`` minus the allocation at entry (exact, torch tensors
+    only). CPU: the process RSS is sampled every ``interval`` seconds by a thread and the peak
+    minus the RSS at entry is reported (freed heap is trimmed first, so memory reused from an
+    earlier block is not hidden); ``getrusage``'s max RSS cannot be reset, so it would only show
+    growth beyond the process's earlier peak. Includes allocator overhead; a spike shorter than
+    ``interval`` may be missed.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", interval: float = 0.002):
+        self.device = torch.device(device)
+        self.interval = interval
+        self.peak = 0
+
+    def __enter__(self) -> "PeakMemory":
+        _release_free_memory()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._base = _rss()
+        self._max = self._base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._max = max(self._max, _rss())
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+            return
+        self._max = max(self._max, _rss())
+        self._stop.set()
+        self._thread.join()
+        self.peak = self._max - self._base
+
+    @property
+    def mib(self) -> float:
+        return self.peak / 2**20
+
+
+def tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# --------------------------------------------------------------------------- command line and output
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, finishes in < 2 min on 2 CPU cores")
+    parser.add_argument("--device", default=default_device, help=f"torch device (default {default_device})")
+    parser.add_argument("--out", default=None, help="also write the Markdown report to this file")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    return parser
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """Apply ``--threads`` and validate ``--device``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but CUDA is not available")
+    return device
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+class Report:
+    """Collects printed sections; ``save`` writes them as one Markdown file."""
+
+    def __init__(self, title: str, command: Sequence[str] | None):
+        self.parts = [f"# {title}", "", f"`python {' '.join(command or [])}`", "", environment_line(), ""]
+        print(self.parts[-2], flush=True)
+
+    def add(self, text: str) -> None:
+        print(text + "\n", flush=True)
+        self.parts += [text, ""]
+
+    def save(self, out: str | None) -> None:
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text("\n".join(self.parts), encoding="utf-8")
+            print(f"report written to {out}")
+
+
+def fmt(x: float, digits: int = 1) -> str:
+    """Fixed-point with thousands separators for large values."""
+    if x != x:  # NaN
+        return "n/a"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}f}"
+
+
+# --------------------------------------------------------------------------- synthetic RecBole dataset
+
+SYNTHETIC_OVERRIDES: dict[str, Any] = {
+    # the synthetic set has no dataset YAML: name the fields and switch every filter off
+    "USER_ID_FIELD": "user_id",
+    "ITEM_ID_FIELD": "item_id",
+    "TIME_FIELD": "timestamp",
+    "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+    "user_inter_num_interval": "[0,inf)",
+    "item_inter_num_interval": "[0,inf)",
+    "show_progress": False,
+}
+
+
+def write_synthetic_dataset(
+    root: Path,
+    name: str,
+    n_items: int,
+    codes: Sequence[Sequence[int]] | None = None,
+    integrated: np.ndarray | None = None,
+    semantic: np.ndarray | None = None,
+    seq_len: int = 10,
+    seed: int = 0,
+) -> Path:
+    """Write ``root/name/name.inter`` (+ ``.item``, embeddings) and return ``root``.
+
+    Users hold ``seq_len`` consecutive items each, so every item occurs exactly once and items
+    first appear in the order 1..n_items: RecBole's internal item ids then equal the .item row
+    order, and every embedding file below is aligned both ways. ``codes`` (one per item) become
+    the ``unicode:token_seq`` column; ``integrated`` is written as Stage I's ``.emb.npy`` (for
+    IKD); ``semantic`` as ``.sem.npy`` (pass it as ``semantic_embedding_file``).
+    """
+    folder = Path(root) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    tokens = [f"i{i}" for i in range(1, n_items + 1)]
+    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
+    for start in range(0, n_items, seq_len):
+        user = f"u{start // seq_len}"
+        # a short history is padded with random earlier items so each user has >= 3 events
+        items = list(range(start, min(start + seq_len, n_items)))
+        while len(items) < 3:
+            items.insert(0, int(rng.integers(0, max(1, start))))
+        lines += [f"{user}\t{tokens[i]}\t{t}" for t, i in enumerate(items)]
+    (folder / f"{name}.inter").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    header = "item_id:token" + ("\tunicode:token_seq" if codes is not None else "")
+    rows = [header]
+    for i, token in enumerate(tokens):
+        rows.append(token + (("\t" + " ".join(map(str, codes[i]))) if codes is not None else ""))
+    (folder / f"{name}.item").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    if integrated is not None:
+        np.save(folder / f"{name}.emb.npy", integrated.astype(np.float32))
+        (folder / f"{name}.emb_items.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    if semantic is not None:
+        np.save(folder / f"{name}.sem.npy", semantic.astype(np.float32))
+    return Path(root)
+
+
+def project_config(label: str, root: Path, name: str, overrides: Mapping[str, Any] | None = None):
+    """Our ``ProjectConfig`` of model/variant ``label`` for the synthetic dataset ``root/name``."""
+    from recbole_prorec.config import ProjectConfig, resolve_model
+
+    return ProjectConfig(resolve_model(label), name, [], {**SYNTHETIC_OVERRIDES, **(overrides or {})},
+                         data_folder=Path(root))
+
+
+def load_dataset(label: str, root: Path, name: str, overrides: Mapping[str, Any] | None = None):
+    """(config, dataset) of model ``label`` on the atomic dataset ``root/name``, loaded by RecBole."""
+    from recbole.data import create_dataset
+
+    config = project_config(label, root, name, overrides)
+    return config, create_dataset(config)
+
+
+def random_histories(n: int, n_items: int, max_len: int, device: torch.device | str, seed: int = 0):
+    """(item_seq [n, max_len] left-aligned, lengths [n]) of random real items (ids 1..n_items-1)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, max_len + 1, (n,), generator=gen)
+    seq = torch.randint(1, n_items, (n, max_len), generator=gen)
+    seq = seq.masked_fill(torch.arange(max_len)[None] >= lengths[:, None], 0)
+    return seq.to(device), lengths.to(device)
+
+
+def sequential_batch(model, n: int, device: torch.device | str, seed: int = 0, with_target: bool = False):
+    """A RecBole ``Interaction`` of ``n`` random users for any SequentialRecommender ``model``."""
+    from recbole.data.interaction import Interaction
+
+    seq, lengths = random_histories(n, model.n_items, model.max_seq_length, device, seed)
+    data = {model.ITEM_SEQ: seq, model.ITEM_SEQ_LEN: lengths}
+    if with_target:
+        gen = torch.Generator().manual_seed(seed + 1)
+        data[model.POS_ITEM_ID] = torch.randint(1, model.n_items, (n,), generator=gen).to(device)
+    return Interaction(data)

@@ -1,0 +1,109 @@
+"""Configuration layers, model resolution and bad-input messages."""
+from pathlib import Path
+
+import pytest
+
+from recbole_prorec.config import ProjectConfig, check_types, resolve_model
+from recbole_prorec.data import DatasetNotFoundError, check_columns, find_dataset
+from recbole_prorec.runner import parse_args
+
+
+def test_variant_resolves_to_model_and_overrides():
+    spec = resolve_model("SASRec-BPR")
+    assert spec.name == "SASRec" and spec.label == "SASRec-BPR"
+    assert spec.overrides["loss_type"] == "BPR"
+    tiger = resolve_model("TIGER")
+    assert tiger.name == "PRORec" and tiger.overrides["quantizer"] == "rqvae"
+
+
+def test_unknown_model_is_named():
+    with pytest.raises(ValueError, match="unknown model 'NoSuchRec'"):
+        resolve_model("NoSuchRec")
+
+
+def test_protocol_layers_and_ce_negatives():
+    config = ProjectConfig(resolve_model("SASRec-CE"), "ml-100k", overrides={"hidden_size": 32})
+    assert config["eval_args"]["split"] == {"LS": "valid_and_test"}
+    assert config["eval_args"]["order"] == "TO" and config["eval_args"]["mode"]["test"] == "full"
+    assert config["MAX_ITEM_LIST_LENGTH"] == 20 and config["topk"] == [5, 10, 20]
+    assert config["valid_metric"] == "NDCG@10"
+    assert config["train_neg_sample_args"]["distribution"] == "none"  # CE: no sampled negatives
+    assert config["hidden_size"] == 32 and config["model_label"] == "SASRec-CE"
+    bpr = ProjectConfig(resolve_model("SASRec-BPR"), "ml-100k")
+    assert bpr["train_neg_sample_args"]["sample_num"] == 1
+
+
+def test_dataset_yaml_overrides_model_defaults():
+    config = ProjectConfig(resolve_model("PRORec"), "ml-100k")
+    assert config["text_columns"] == ["movie_title", "release_year", "class"]
+    assert "unicode" in config["load_col"]["item"]  # PRORec asks RecBole to load its codes
+    assert config["n_decoder_layers"] == 4 and config["codebook_size"] == 256
+
+
+def test_wrong_type_from_file_names_key_and_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: ten\n")
+    with pytest.raises(ValueError, match=r"'epochs' from .*bad.yaml must be int"):
+        ProjectConfig(resolve_model("SASRec"), "ml-100k", config_files=[bad])
+
+
+def test_wrong_type_from_command_line():
+    with pytest.raises(ValueError, match="'show_progress' from the command line must be bool"):
+        ProjectConfig(resolve_model("SASRec"), "ml-100k", overrides={"show_progress": "3"})
+
+
+def test_check_types_accepts_int_for_float():
+    check_types({"learning_rate": 0.001}, {"learning_rate": 1}, "x")
+    with pytest.raises(ValueError, match="must be list"):
+        check_types({"topk": [10]}, {"topk": "ten"}, "x")
+
+
+def test_missing_config_file_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        ProjectConfig(resolve_model("SASRec"), "ml-100k", config_files=[tmp_path / "nope.yaml"])
+
+
+def test_missing_dataset_names_folders_and_remedies(tmp_path):
+    with pytest.raises(DatasetNotFoundError) as err:
+        find_dataset("Amazon_Nothing", [tmp_path / "a", tmp_path / "b"])
+    message = str(err.value)
+    assert str(tmp_path / "a" / "Amazon_Nothing") in message and str(tmp_path / "b" / "Amazon_Nothing") in message
+    assert "recbole_prorec.convert" in message and "--data_path" in message
+
+
+def test_missing_dataset_through_config_does_not_prompt(tmp_path, monkeypatch):
+    monkeypatch.setattr("builtins.input", lambda *_: pytest.fail("asked on stdin"))
+    with pytest.raises(DatasetNotFoundError, match="Amazon_Nothing"):
+        ProjectConfig(resolve_model("SASRec"), "Amazon_Nothing", overrides={"data_path": str(tmp_path)})
+
+
+def test_folder_without_inter_is_reported(tmp_path):
+    (tmp_path / "Half").mkdir()
+    (tmp_path / "Half" / "Half.item").write_text("item_id:token\ttitle:token_seq\n1\tx\n")
+    with pytest.raises(DatasetNotFoundError, match="exists but has no Half.inter"):
+        find_dataset("Half", [tmp_path])
+
+
+def test_item_file_without_text_columns(tmp_path):
+    folder = tmp_path / "D"
+    folder.mkdir()
+    (folder / "D.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\nu\ti\t1\n")
+    (folder / "D.item").write_text("item_id:token\tprice:float\ni\t1.0\n")
+    with pytest.raises(ValueError, match=r"D\.item lacks the column\(s\) \['title'\]"):
+        check_columns(tmp_path, "D", {"inter": ["user_id"], "item": ["item_id", "title"]})
+
+
+def test_cli_parses_config_keys_and_rejects_bare_words():
+    args, overrides = parse_args(["--model=SASRec,GRU4Rec", "--dataset=ml-100k", "--epochs=3", "--nproc=1"])
+    assert args.model == "SASRec,GRU4Rec" and overrides == {"epochs": "3"}
+    with pytest.raises(SystemExit):
+        parse_args(["--model=SASRec", "stray"])
+
+
+def test_shipped_yaml_files_parse():
+    from recbole_prorec.config import PROPERTIES, load_yaml
+
+    files = list(Path(PROPERTIES).rglob("*.yaml"))
+    assert len(files) >= 8
+    for f in files:
+        assert isinstance(load_yaml(f), dict)

@@ -1,0 +1,35 @@
+"""The dataset YAMLs load the shared Amazon copies with the statistics of SOURCES.md."""
+import pytest
+from recbole.data import create_dataset
+
+from recbole_prorec import PROJECT_ROOT
+from recbole_prorec.config import ProjectConfig, resolve_model
+from recbole_prorec.data import check_columns, statistics, statistics_table
+
+SHARED = PROJECT_ROOT.parent / "shared" / "datasets"
+EXPECTED = {  # users, items, interactions from ../shared/datasets/SOURCES.md
+    "Amazon_Beauty": (22363, 12101, 198502),
+    "Amazon_Toys_and_Games": (19412, 11924, 167597),
+    "Amazon_Sports_and_Outdoors": (35598, 18357, 296337),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_shared_dataset_statistics(name, tmp_path):
+    if not (SHARED / name / f"{name}.inter").is_file():
+        pytest.skip(f"{SHARED / name} is absent on this machine")
+    config = ProjectConfig(
+        resolve_model("SASRec"), name, overrides={"data_path": str(SHARED), "checkpoint_dir": str(tmp_path)}
+    )
+    check_columns(SHARED, name, config["load_col"])
+    stats = statistics(create_dataset(config))
+    assert (stats["users"], stats["items"], stats["interactions"]) == EXPECTED[name]
+    assert stats["density"] == pytest.approx(EXPECTED[name][2] / (EXPECTED[name][0] * EXPECTED[name][1]))
+    assert f"| {name} | {EXPECTED[name][0]:,} |" in statistics_table(name, stats)
+
+
+def test_bundled_ml100k_statistics(tmp_path):
+    config = ProjectConfig(resolve_model("SASRec"), "ml-100k", overrides={"checkpoint_dir": str(tmp_path)})
+    stats = statistics(create_dataset(config))
+    assert stats["users"] == 943 and 1300 < stats["items"] < 1682  # 5-core drops rare movies
+    assert 0.05 < stats["density"] < 0.08
