@@ -260,6 +260,17 @@ def load_embedding_file(path: Path, n_items: int) -> np.ndarray:
     return array.astype(np.float32, copy=False)
 
 
+def _rows_for_tokens(emb: np.ndarray, table: pd.DataFrame, item_tokens: list[str], id_field: str,
+                     source: Path) -> np.ndarray:
+    """Reorder rows given in ``.item`` row order into ``item_tokens`` order."""
+    row_of = {token: row for row, token in enumerate(table[id_field])}
+    missing = [t for t in item_tokens if t not in row_of]
+    if missing:
+        raise ValueError(f"Semantic embedding file {source} follows the .item rows, which lack items "
+                         f"{missing[:5]} ({len(missing)} in all)")
+    return emb[[row_of[t] for t in item_tokens]]
+
+
 def item_semantic_embeddings(
     item_file: Path,
     item_tokens: list[str],
@@ -278,13 +289,16 @@ def item_semantic_embeddings(
 ) -> np.ndarray:
     """Semantic embeddings [len(item_tokens), d] from a precomputed file or the item texts.
 
+    A precomputed ``embedding_file`` holds one row per row of the ``.item`` file, in that order
+    (users cannot know RecBole's internal ids); rows are picked for ``item_tokens``.
     Tokens missing from the item file (e.g. RecBole's ``[PAD]``) are treated as empty items.
     """
     start = time.time()
+    table = read_item_table(Path(item_file), id_field)
     if embedding_file is not None:
-        emb = load_embedding_file(Path(embedding_file), len(item_tokens))
+        emb = _rows_for_tokens(load_embedding_file(Path(embedding_file), len(table)), table, item_tokens,
+                               id_field, embedding_file)
     else:
-        table = read_item_table(Path(item_file), id_field)
         texts, n_empty = build_item_texts(table, item_tokens, columns, template, id_field,
                                           source=str(item_file))
         logger.info(f"{n_empty}/{len(texts)} items have no text and share the text "

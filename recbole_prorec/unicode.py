@@ -77,6 +77,8 @@ def build_unicodes(dataset: str, config_files: Sequence[str], overrides: Mapping
         return out_root
     if config["fusion"] not in FUSIONS:
         raise ValueError(f"fusion must be one of {FUSIONS}, got {config['fusion']!r}")
+    if config["fusion"] in ("collab_only", "concat"):  # these fuse a DIN trained without CKA
+        config["cka_weight"] = 0.0
     check_columns(source.parent, dataset, config["load_col"])
     init_seed(config["seed"], config["reproducibility"])
     data = create_dataset(config)
@@ -108,8 +110,6 @@ def integrated_embeddings(config, data, report: dict) -> np.ndarray:
         semantic = load_semantic(config, data)[1:]
         report["semantic_seconds"] = monotonic() - start
         return pca(semantic, config["din_embedding_size"], config["seed"])
-    if fusion in ("collab_only", "concat"):
-        config["cka_weight"] = 0.0
     model = train_din(config, data, report)
     collab = model.integrated_embeddings()
     if fusion == "concat":

@@ -149,8 +149,15 @@ def test_item_semantic_embeddings(item_file, tmp_path):
                                    cache_dir=tmp_path / "cache")
     assert emb.shape == (4, 384)
     np.testing.assert_allclose(emb[0], emb[3], atol=1e-6)  # both empty: the placeholder text
+    # a precomputed file has one row per .item row (i1..i4), picked here for the tokens asked
     path = tmp_path / "pre.npy"
-    np.save(path, emb[::-1].copy())
-    from_file = item_semantic_embeddings(item_file, tokens, columns=["nonexistent"],
+    rows = np.arange(4 * 3, dtype=np.float32).reshape(4, 3)
+    np.save(path, rows)
+    from_file = item_semantic_embeddings(item_file, ["i3", "i1"], columns=["nonexistent"],
                                          embedding_file=path)
-    np.testing.assert_array_equal(from_file, emb[::-1])
+    np.testing.assert_array_equal(from_file, rows[[2, 0]])
+    with pytest.raises(ValueError, match="pre.npy.*lack items \\['zz'\\]"):
+        item_semantic_embeddings(item_file, ["i1", "zz"], columns=["title"], embedding_file=path)
+    np.save(path, rows[:3])
+    with pytest.raises(ValueError, match="pre.npy has 3 rows, expected 4"):
+        item_semantic_embeddings(item_file, ["i1"], columns=["title"], embedding_file=path)

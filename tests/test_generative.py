@@ -1,0 +1,277 @@
+"""Stage II: PRORec's constrained beam search, scoring hooks, IKD, training and bad input."""
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from recbole.data.interaction import Interaction
+
+from conftest import DATASET, build_recbole, make_prorec
+from recbole_prorec.generative import PRORec
+from recbole_prorec.trainer import SafeTrainer
+
+
+def randomise(model: torch.nn.Module, seed: int, std: float = 0.5) -> torch.nn.Module:
+    """Spread the weights so code likelihoods differ clearly (no near-ties to reorder)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+def first_batch(loader) -> Interaction:
+    batch = next(iter(loader))
+    return batch[0] if isinstance(batch, tuple) else batch
+
+
+def brute_force(model: PRORec, batch: Interaction) -> torch.Tensor:
+    """[B, n_items] log-likelihood of every real item's code via ``predict`` (column 0: -inf)."""
+    B, n = len(batch), model.n_items - 1
+    items = torch.arange(1, model.n_items).repeat(B)
+    expanded = Interaction({
+        model.ITEM_SEQ: batch[model.ITEM_SEQ].repeat_interleave(n, 0),
+        model.ITEM_SEQ_LEN: batch[model.ITEM_SEQ_LEN].repeat_interleave(n, 0),
+        model.ITEM_ID: items,
+    })
+    with torch.no_grad():
+        scores = model.predict(expanded).view(B, n)
+    return torch.cat([torch.full((B, 1), float("-inf")), scores], dim=1)
+
+
+# --------------------------------------------------------------------------- beam search
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_beam_search_is_the_brute_force_top_k(stage2, seed):
+    """With beam_size >= n_items nothing is pruned: beams = exact top-k of all code likelihoods."""
+    config, _, (_, _, test) = stage2
+    model = randomise(make_prorec(stage2, beam_size=48), seed).eval()
+    assert model.beam_size >= model.n_items - 1
+    batch = first_batch(test)
+    items, scores = model.beam_search(batch)
+    exact = brute_force(model, batch)
+    n_real = model.n_items - 1
+    top_scores, top_items = exact.topk(n_real, dim=1)
+    assert items.shape == (len(batch), model.beam_size)
+    torch.testing.assert_close(items[:, :n_real], top_items)
+    torch.testing.assert_close(scores[:, :n_real], top_scores, rtol=1e-4, atol=1e-4)
+    # slots beyond the number of items are empty
+    assert (items[:, n_real:] == 0).all() and torch.isinf(scores[:, n_real:]).all()
+    # the search's own scores are the items' likelihoods (not just the same ranking)
+    torch.testing.assert_close(scores[:, :n_real], exact.gather(1, items[:, :n_real]), rtol=1e-4, atol=1e-4)
+
+
+def test_beam_search_items_are_real_and_distinct(stage2):
+    _, data, (_, _, test) = stage2
+    model = randomise(make_prorec(stage2), 3).eval()
+    for i, (batch, *_rest) in enumerate(test):
+        items, scores = model.beam_search(batch)
+        assert items.shape == (len(batch), 20)
+        assert (items >= 1).all() and (items < model.n_items).all()
+        assert torch.isfinite(scores).all()
+        assert all(len(set(row.tolist())) == len(row) for row in items)
+        assert (scores[:, 1:] <= scores[:, :-1] + 1e-6).all(), "beams not sorted best first"
+        # every decoded item has a code (it is a real item of the .item file)
+        assert ((model.codes[items] >= 0).sum(-1) > 0).all()
+        if i == 1:
+            break
+
+
+def test_beam_search_is_deterministic(stage2):
+    _, _, (_, _, test) = stage2
+    model = randomise(make_prorec(stage2), 4).eval()
+    batch = first_batch(test)
+    a, b = model.beam_search(batch), model.beam_search(batch)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_beam_smaller_than_topk_is_refused(stage2):
+    with pytest.raises(ValueError, match="beam_size"):
+        make_prorec(stage2, beam_size=10)  # topk [5, 10, 20]
+
+
+def test_full_sort_predict_holds_beam_scores_and_minus_inf_elsewhere(stage2):
+    _, _, (_, _, test) = stage2
+    model = randomise(make_prorec(stage2), 5).eval()
+    batch = first_batch(test)
+    full = model.full_sort_predict(batch)
+    items, scores = model.beam_search(batch)
+    assert full.shape == (len(batch), model.n_items)
+    finite = torch.isfinite(full)
+    assert (finite.sum(1) == model.beam_size).all()
+    assert not finite[:, 0].any()
+    expected = torch.zeros_like(finite)
+    expected.scatter_(1, items, True)
+    assert torch.equal(finite, expected)
+    torch.testing.assert_close(full.gather(1, items), scores)
+    assert (full[~finite] == float("-inf")).all()
+
+
+# --------------------------------------------------------------------------- IKD and training
+
+
+def test_ikd_gradients_reach_the_decoder(stage2):
+    _, _, (train, _, _) = stage2
+    model = make_prorec(stage2)
+    model.train()
+    gen, ikd = model.calculate_loss(first_batch(train))
+    assert ikd.item() > 0
+    ikd.backward()
+    decoder_grads = [p.grad for p in model.decoder.parameters() if p.grad is not None]
+    assert decoder_grads and sum(g.abs().sum() for g in decoder_grads) > 0
+    # the last decoder layer's feed-forward and the [IKD] token embedding both learn from IKD
+    assert model.decoder[-1].ffn[0].weight.grad.abs().sum() > 0
+    assert model.token_embedding.weight.grad[model.ikd_token].abs().sum() > 0
+    assert model.ikd_proj.weight.grad.abs().sum() > 0
+    # IKD does not touch the code classifier
+    assert model.head.weight.grad is None or model.head.weight.grad.abs().sum() == 0
+
+
+def test_ikd_weight_zero_turns_ikd_off(stage2):
+    _, _, (train, _, _) = stage2
+    model = make_prorec(stage2, ikd_weight=0.0)
+    assert not hasattr(model, "integrated") and not hasattr(model, "ikd_proj")
+    gen, ikd = model.calculate_loss(first_batch(train))
+    assert ikd.item() == 0 and gen.item() > 0
+
+
+def test_training_lowers_both_losses(stage2):
+    _, _, (train, _, _) = stage2
+    model = make_prorec(stage2)
+    batches = list(train)
+
+    def mean_losses():
+        model.eval()
+        torch.manual_seed(7)  # the same IKD negatives every time
+        with torch.no_grad():
+            parts = [model.calculate_loss(b) for b in batches]
+        return [sum(p[i].item() for p in parts) / len(parts) for i in range(2)]
+
+    gen0, ikd0 = mean_losses()
+    # chance level: gen ~ (code length of the target) * log K per target; IKD is about log 2 only
+    # at large tau (tau = 0.1 here)
+    targets = torch.cat([b[model.POS_ITEM_ID] for b in batches])
+    chance = (model.codes[targets] >= 0).sum(1).float().mean().item() * math.log(model.K)
+    assert abs(gen0 - chance) < 0.3 and ikd0 > 0.3
+    optim = torch.optim.Adam(model.parameters(), lr=0.003)
+    model.train()
+    steps = 0
+    while steps < 200:
+        for batch in batches:
+            gen, ikd = model.calculate_loss(batch)
+            optim.zero_grad()
+            (gen + ikd).backward()
+            optim.step()
+            steps += 1
+    gen1, ikd1 = mean_losses()
+    assert gen1 < 0.75 * gen0, (gen0, gen1)
+    assert ikd1 < 0.75 * ikd0, (ikd0, ikd1)
+
+
+def test_recbole_metrics_equal_recomputation_from_decoded_lists(stage2, tmp_path):
+    config, _, (train, _, test) = stage2
+    model = make_prorec(stage2)
+    # a little training so the ranking is not arbitrary
+    optim = torch.optim.Adam(model.parameters(), lr=0.003)
+    model.train()
+    for batch in list(train)[:6]:
+        loss = sum(model.calculate_loss(batch))
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    config["checkpoint_dir"] = str(tmp_path)
+    trainer = SafeTrainer(config, model)
+    result = trainer.evaluate(test, load_best_model=False)
+
+    model.eval()
+    hits = {k: [] for k in config["topk"]}
+    gains = {k: [] for k in config["topk"]}
+    for batch, _history, _pos_u, pos_i in test:
+        items, _ = model.beam_search(batch)
+        for row, target in zip(items.tolist(), pos_i.tolist()):
+            rank = row.index(target) + 1 if target in row else None
+            for k in config["topk"]:
+                hit = rank is not None and rank <= k
+                hits[k].append(float(hit))
+                gains[k].append(1.0 / math.log2(rank + 1) if hit else 0.0)
+    n_users = len(hits[5])
+    assert n_users == len(test.dataset)
+    assert sum(hits[20]) > 0, "no hit at all: the comparison would be vacuous"
+    for k in config["topk"]:
+        assert result[f"recall@{k}"] == pytest.approx(sum(hits[k]) / n_users, abs=1e-4)
+        assert result[f"ndcg@{k}"] == pytest.approx(sum(gains[k]) / n_users, abs=1e-4)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def copy_stage1(stage1_folder: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "copy"
+    shutil.copytree(stage1_folder, root)
+    return root
+
+
+def edit_item_file(root: Path, edit) -> None:
+    """Rewrite the copied ``.item`` file's rows (lists of fields) with ``edit``."""
+    path = root / DATASET / f"{DATASET}.item"
+    header, *rows = path.read_text(encoding="utf-8").splitlines()
+    rows = edit([row.split("\t") for row in rows])
+    path.write_text("\n".join([header, *("\t".join(row) for row in rows)]) + "\n", encoding="utf-8")
+
+
+def build_model(tiny_overrides, folder: Path, **extra) -> PRORec:
+    config, _, (train, _, _) = build_recbole("PRORec", tiny_overrides(**extra), folder)
+    return PRORec(config, train._dataset)
+
+
+def test_dataset_without_unicode_column_says_run_stage1(tiny_root, tiny_overrides):
+    with pytest.raises(ValueError, match=r"Stage I.*--stage=unicode"):
+        build_model(tiny_overrides, tiny_root)
+
+
+def test_duplicate_codes_are_refused(stage1_folder, tmp_path, tiny_overrides):
+    root = copy_stage1(stage1_folder, tmp_path)
+
+    def duplicate(rows):
+        rows[1][-1] = rows[0][-1]
+        return rows
+
+    edit_item_file(root, duplicate)
+    with pytest.raises(ValueError, match="duplicate codes"):
+        build_model(tiny_overrides, root)
+
+
+def test_item_without_code_names_the_file(stage1_folder, tmp_path, tiny_overrides):
+    root = copy_stage1(stage1_folder, tmp_path)
+
+    def blank(rows):
+        rows[3][-1] = ""
+        return rows
+
+    edit_item_file(root, blank)
+    with pytest.raises(ValueError, match=r"copy/tiny/tiny\.item.*no 'unicode' code"):
+        build_model(tiny_overrides, root)
+
+
+def test_code_beyond_codebook_size_is_refused(stage1_folder, tiny_overrides):
+    with pytest.raises(ValueError, match=r"tiny\.item.*codebook_size 3"):
+        build_model(tiny_overrides, stage1_folder, codebook_size=3)
+
+
+def test_hidden_size_not_divisible_by_heads_names_both_keys(stage2):
+    with pytest.raises(ValueError, match=r"hidden_size.*n_heads"):
+        make_prorec(stage2, hidden_size=30, n_heads=4)
+
+
+def test_missing_embeddings_file_with_ikd_names_the_file(stage1_folder, tmp_path, tiny_overrides):
+    root = copy_stage1(stage1_folder, tmp_path)
+    (root / DATASET / f"{DATASET}.emb.npy").unlink()
+    with pytest.raises(FileNotFoundError, match=r"tiny\.emb\.npy"):
+        build_model(tiny_overrides, root)
+    # without IKD the embeddings are not needed
+    model = build_model(tiny_overrides, root, ikd_weight=0.0)
+    assert not hasattr(model, "integrated")
