@@ -14,16 +14,17 @@ import statistics
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+import warnings
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-import numpy as np
-import torch
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-# progress bars of k-means, encoders and loaders would drown the tables
-os.environ.setdefault("TQDM_DISABLE", "1")
+# RecBole 1.2.1 triggers pandas FutureWarnings on every dataset load
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python benchmarks/x.py` puts benchmarks/ first, not the root
@@ -59,8 +60,10 @@ def environment() -> dict[str, str]:
     else:
         env["gpu"] = "none"
     try:
-        load = os.getloadavg()
-        env["load avg (1 min)"] = f"{load[0]:.2f}"
+        load = os.getloadavg()[0]
+        env["load avg (1 min)"] = f"{load:.2f}"
+        if load > 0.5 * (os.cpu_count() or 1):
+            env["note"] = "other processes are using the CPU: timings are contended"
     except OSError:
         pass
     return env
@@ -209,18 +212,48 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, finishes in < 2 min on 2 CPU cores")
     parser.add_argument("--device", default=default_device, help=f"torch device (default {default_device})")
     parser.add_argument("--out", default=None, help="also write the Markdown report to this file")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch intra-op threads (default: torch's, i.e. all cores; 1 in --quick mode, since on a "
+        "machine where another job is busy, multi-threaded torch spin-waits and runs many times slower)",
+    )
     return parser
 
 
+def quiet_progress() -> None:
+    """Silence tqdm progress bars (k-means, encoder, weight loading): they would drown the tables.
+
+    torch imports tqdm, which reads ``TQDM_DISABLE`` only at import, so the default is patched too.
+    """
+    import functools
+
+    import tqdm.std
+
+    os.environ["TQDM_DISABLE"] = "1"
+    if not getattr(tqdm.std.tqdm, "_benchmarks_quiet", False):
+        tqdm.std.tqdm.__init__ = functools.partialmethod(tqdm.std.tqdm.__init__, disable=True)
+        tqdm.std.tqdm._benchmarks_quiet = True
+
+
 def setup(args: argparse.Namespace) -> torch.device:
-    """Apply ``--threads`` and validate ``--device``."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    """Apply ``--threads`` (1 by default in quick mode), silence progress bars, validate ``--device``."""
+    quiet_progress()
+    threads = args.threads or (1 if args.quick else None)
+    if threads:
+        torch.set_num_threads(threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but CUDA is not available")
     return device
+
+
+def thread_limit(args: argparse.Namespace):
+    """Hold OpenMP/BLAS pools (sklearn's k-means) to torch's thread count when one was imposed."""
+    if not (args.threads or args.quick):
+        return nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=torch.get_num_threads())
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -323,11 +356,15 @@ def project_config(label: str, root: Path, name: str, overrides: Mapping[str, An
 
 
 def load_dataset(label: str, root: Path, name: str, overrides: Mapping[str, Any] | None = None):
-    """(config, dataset) of model ``label`` on the atomic dataset ``root/name``, loaded by RecBole."""
+    """(config, training split) of model ``label`` on the atomic dataset ``root/name``.
+
+    Loaded by RecBole's ``create_dataset`` and built (split, tensors) like ``data_preparation``
+    does; the training split is what the runner hands a model's constructor.
+    """
     from recbole.data import create_dataset
 
     config = project_config(label, root, name, overrides)
-    return config, create_dataset(config)
+    return config, create_dataset(config).build()[0]
 
 
 def random_histories(n: int, n_items: int, max_len: int, device: torch.device | str, seed: int = 0):

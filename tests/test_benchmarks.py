@@ -1,0 +1,124 @@
+"""Smoke tests of the benchmark scripts: each runs in --quick mode and prints well-formed tables.
+
+Timings are never asserted, only that the tables have the expected rows and columns and hold
+positive numbers. The merge of the dual-code baseline is checked exactly.
+"""
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """Quick mode sets torch to one thread; give the other tests their threads back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
+    """Every Markdown table in ``text`` as (header, rows)."""
+    found, block = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            block.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif block:
+            assert len(block) >= 2 and set("".join(block[1])) <= set("-"), block
+            found.append((block[0], block[2:]))
+            block = []
+    return found
+
+
+def table_with(text: str, column: str) -> tuple[list[str], list[list[str]]]:
+    matches = [t for t in tables(text) if column in t[0]]
+    assert len(matches) == 1, f"no single table with column {column!r} in:\n{text}"
+    header, rows = matches[0]
+    assert all(len(r) == len(header) for r in rows)
+    return header, rows
+
+
+def number(cell: str) -> float:
+    """'1,234.5', '3.5 (est.)', '2.1x', '0.0693 ± 0.0010' -> the first number."""
+    match = re.match(r"-?[\d,]*\.?\d+", cell)
+    assert match, f"not a number: {cell!r}"
+    return float(match.group().replace(",", ""))
+
+
+def column(header, rows, name) -> list[float]:
+    return [number(r[header.index(name)]) for r in rows]
+
+
+def test_environment_line_names_cpu_cores_and_torch():
+    common = load("common")
+    line = common.environment_line()
+    for key in ("cpu:", "cores:", "torch:", "gpu:"):
+        assert key in line
+
+
+def test_merge_by_confidence_keeps_best_score_of_each_item():
+    decode = load("decode")
+    items_a, scores_a = torch.tensor([[5, 3, 0]]), torch.tensor([[-1.0, -2.0, float("-inf")]])
+    items_b, scores_b = torch.tensor([[3, 7, 5]]), torch.tensor([[-0.5, -3.0, -4.0]])
+    items, scores = decode.merge_by_confidence(items_a, scores_a, items_b, scores_b, k=4)
+    assert items.tolist() == [[3, 5, 7, 0]]  # 3 keeps its best score -0.5; 5 and 3 are not repeated
+    assert scores[0, :3].tolist() == [-0.5, -1.0, -3.0] and scores[0, 3] == float("-inf")
+
+
+def test_decode_quick(capsys, tmp_path):
+    out = tmp_path / "decode.md"
+    result = load("decode").main(["--quick", "--device", "cpu", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "environment: cpu:" in text and "torch:" in text
+    header, rows = table_with(text, "PRORec ms/batch")
+    assert [(r[0], r[1]) for r in rows] == [("1", "10"), ("1", "20"), ("64", "10"), ("64", "20")]
+    for name in ("PRORec ms/batch", "PRORec users/s", "SASRec ms/batch", "SASRec users/s", "PRORec/SASRec time"):
+        assert all(v > 0 for v in column(header, rows, name)), name
+    header, rows = table_with(text, "dual/unified (ours)")
+    assert len(rows) == 4 and all(v > 0 for v in column(header, rows, "dual/unified (ours)"))
+    assert column(header, rows, "dual/unified (paper)") == [2.8] * 4
+    assert len(result["results"]) == 4 and result["n_items"] == 2000
+    assert "PRORec ms/batch" in out.read_text()
+
+
+def test_train_speed_quick(capsys):
+    result = load("train_speed").main(["--quick", "--device", "cpu"])
+    text = capsys.readouterr().out
+    assert "environment: cpu:" in text
+    header, rows = table_with(text, "texts/s")
+    assert len(rows) == 1 and all(v > 0 for v in column(header, rows, "texts/s"))
+    header, rows = table_with(text, "Stage II samples/s")
+    assert [r[0] for r in rows] == ["1,000", "2,000"]
+    for name in ("hkmeans s", "trie build ms", "trie MiB", "Stage I samples/s", "Stage I state MiB",
+                 "Stage II samples/s", "Stage II state MiB", "beam search ms", "encode s"):
+        assert all(v > 0 for v in column(header, rows, name)), name
+    for name in ("Stage I step peak MiB", "Stage II step peak MiB"):  # RSS growth: may round to 0
+        assert all(v >= 0 for v in column(header, rows, name)), name
+    assert [r["items"] for r in result["sizes"]] == [1000, 2000]
+
+
+def test_quality_quick(capsys):
+    result = load("quality").main(["--quick", "--device", "cpu"])
+    text = capsys.readouterr().out
+    assert "environment: cpu:" in text
+    header, rows = table_with(text, "NDCG@10 / SASRec-CE")
+    assert [r[0] for r in rows] == ["SASRec-CE", "PRORec"]
+    for name in ("Recall@10", "Recall@20", "NDCG@10", "NDCG@20"):
+        assert all(0 <= v <= 1 for v in column(header, rows, name)), name
+    assert all(v > 0 for v in column(header, rows, "train s"))
+    assert all(v > 0 for v in column(header, rows, "wall s"))
+    assert column(header, rows, "NDCG@10 / SASRec-CE")[0] == 1.0
+    assert [m["model"] for m in result["models"]] == ["SASRec-CE", "PRORec"]
