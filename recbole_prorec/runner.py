@@ -90,9 +90,8 @@ def run(
     logger.info(model)
     trainer = SafeTrainer(config, model)
     show = config["show_progress"]
-    if config["load_checkpoint"]:  # evaluate a trained model instead of training one
+    if config["load_checkpoint"]:  # test a trained model instead of training one
         trainer.saved_model_file = config["load_checkpoint"]
-        trainer.best_valid_result = trainer.evaluate(valid, load_best_model=True, show_progress=show)
     else:
         trainer.fit(train, valid, saved=True, show_progress=show)
     test_result = trainer.evaluate(test, load_best_model=True, show_progress=show)
