@@ -46,6 +46,10 @@ class SafeTrainer(Trainer):
             self.distributed_model = DistributedDataParallel(
                 self.model, device_ids=[config["local_rank"]] if on_gpu else None
             )
+            # only rank 0 writes checkpoints; every rank must read that file (names carry the time)
+            name = [self.saved_model_file]
+            torch.distributed.broadcast_object_list(name, src=0)
+            self.saved_model_file = name[0]
         self.time_budget = config["train_time_budget"]
         self._add_warmup(config["warmup_steps"] or 0)
         self.best_epoch = -1
@@ -110,7 +114,10 @@ class SafeTrainer(Trainer):
             "cur_step": int(self.cur_step),
             "best_valid_score": float(self.best_valid_score),
             "state_dict": self.model.state_dict(),
-            "other_parameter": self.model.other_parameter(),
+            # FDSA, DIN & co. list whole submodules here; their weights are in state_dict already
+            "other_parameter": {
+                k: v for k, v in (self.model.other_parameter() or {}).items() if not isinstance(v, torch.nn.Module)
+            },
             "optimizer": self.optimizer.state_dict(),
         }
         torch.save(state, saved_model_file)
