@@ -146,6 +146,8 @@ class SafeTrainer(Trainer):
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if eval_data and load_best_model:
+            if not self.config["single_spec"]:
+                torch.distributed.barrier()  # wait until rank 0 has written the checkpoint
             checkpoint_file = model_file or self.saved_model_file
             self._load_state(load_checkpoint(checkpoint_file, self.device))
             self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
