@@ -253,6 +253,16 @@ def stage2_folder(dataset: str, stage1_config, data, tmp: Path) -> tuple[Path, s
     return tmp, "random codes (no cached Stage I output for this config; run --stage=unicode for real ones)"
 
 
+def _measure_stage(stage: int, label: str, model, train, config, n: int, device, rows: list, out: list) -> None:
+    """Time ``n`` real training steps of one stage and append its table row and record."""
+    batches, load_s = loader_batches(train, n + 1, device)
+    rate, state, mem = measure_batches(model, batches, device)
+    epoch_s = len(train._dataset) / rate
+    rows.append([label, config["train_batch_size"], len(train), fmt(rate), fmt(state), fmt(mem),
+                 fmt(epoch_s), fmt(sum(len(b) for b in batches) / load_s)])
+    out.append({"stage": stage, "samples_s": rate, "state_mib": state, "peak_mib": mem, "epoch_s_est": epoch_s})
+
+
 def dataset_mode(args, device: torch.device, report: Report) -> list[dict]:
     """Real Stage I / Stage II steps on batches of ``args.dataset`` from RecBole's loaders."""
     from recbole.data import create_dataset, data_preparation
@@ -274,12 +284,7 @@ def dataset_mode(args, device: torch.device, report: Report) -> list[dict]:
     start = time.perf_counter()
     din = PRORecDIN(cfg1, train1._dataset).to(device)
     semantic_s = time.perf_counter() - start
-    batches, load_s = loader_batches(train1, n + 1, device)
-    rate, state, mem = measure_batches(din, batches, device)
-    epoch_s = len(train1._dataset) / rate
-    rows.append(["Stage I (PRORecDIN)", cfg1["train_batch_size"], len(train1), fmt(rate), fmt(state), fmt(mem),
-                 fmt(epoch_s), fmt(sum(len(b) for b in batches) / load_s)])
-    out.append({"stage": 1, "samples_s": rate, "state_mib": state, "peak_mib": mem, "epoch_s_est": epoch_s})
+    _measure_stage(1, "Stage I (PRORecDIN)", din, train1, cfg1, n, device, rows, out)
     del din
     with tempfile.TemporaryDirectory(prefix="prorec-train-speed-") as tmp:
         folder, source = stage2_folder(args.dataset, cfg1, data1, Path(tmp))
@@ -287,12 +292,7 @@ def dataset_mode(args, device: torch.device, report: Report) -> list[dict]:
         init_seed(cfg2["seed"], True)
         train2, _, _ = data_preparation(cfg2, create_dataset(cfg2))
         gen = PRORec(cfg2, train2._dataset).to(device)
-        batches, load_s = loader_batches(train2, n + 1, device)
-        rate, state, mem = measure_batches(gen, batches, device)
-        epoch_s = len(train2._dataset) / rate
-        rows.append(["Stage II (PRORec)", cfg2["train_batch_size"], len(train2), fmt(rate), fmt(state), fmt(mem),
-                     fmt(epoch_s), fmt(sum(len(b) for b in batches) / load_s)])
-        out.append({"stage": 2, "samples_s": rate, "state_mib": state, "peak_mib": mem, "epoch_s_est": epoch_s})
+        _measure_stage(2, "Stage II (PRORec)", gen, train2, cfg2, n, device, rows, out)
     report.add(
         f"Real training steps on {args.dataset} ({n} timed steps after one warmup step; "
         f"semantic embeddings ready in {semantic_s:.1f} s; Stage II codes: {source}). "
