@@ -14,6 +14,7 @@ from logging import getLogger
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import torch
 import torch.multiprocessing as mp
 from recbole.data import create_dataset, data_preparation
 from recbole.utils import init_logger, init_seed
@@ -21,7 +22,7 @@ from recbole.utils import init_logger, init_seed
 from recbole_prorec import PROJECT_ROOT
 from recbole_prorec.config import ModelSpec, ProjectConfig, resolve_model
 from recbole_prorec.data import check_columns, statistics, statistics_table
-from recbole_prorec.trainer import SafeTrainer
+from recbole_prorec.trainer import SafePretrainer, SafeTrainer
 
 TABLE_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 
@@ -85,11 +86,14 @@ def run(
     logger.info(data)
     logger.info("dataset statistics\n" + statistics_table(dataset, statistics(data)))
     train, valid, test = data_preparation(config, data)
+    show = config["show_progress"]
+    pretrain_time = 0.0
+    if config["train_stage"] == "pretrain" and not config["load_checkpoint"]:
+        pretrain_time = pretrain(spec, config, train)
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = spec.model_class(config, train._dataset).to(config["device"])
     logger.info(model)
     trainer = SafeTrainer(config, model)
-    show = config["show_progress"]
     if config["load_checkpoint"]:  # test a trained model instead of training one
         trainer.saved_model_file = config["load_checkpoint"]
     else:
@@ -103,10 +107,25 @@ def run(
         seed=config["seed"],
         best_epoch=trainer.best_epoch,
         epochs_run=trainer.epochs_run,
-        train_time=trainer.train_time,
+        train_time=pretrain_time + trainer.train_time,
         valid=dict(trainer.best_valid_result or {}),
         test=dict(test_result or {}),
     )
+
+
+def pretrain(spec: ModelSpec, config: ProjectConfig, train) -> float:
+    """Self-supervised pre-training (S3Rec's ``train_stage: pretrain``); switches ``config`` to
+    fine-tuning from the pre-trained weights and returns the pre-training time in seconds."""
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = spec.model_class(config, train._dataset).to(config["device"])
+    trainer = SafePretrainer(config, model)
+    trainer.saved_model_file = trainer.saved_model_file.replace(".pth", "-pretrained.pth")
+    path = trainer.pretrain(train, show_progress=config["show_progress"])
+    if not config["single_spec"]:
+        torch.distributed.barrier()  # the file is written by rank 0 only
+    config["train_stage"] = "finetune"
+    config["pre_model_path"] = path
+    return trainer.train_time
 
 
 def _ddp_worker(rank: int, args: tuple, queue) -> None:

@@ -10,7 +10,7 @@ from time import monotonic
 from typing import Any
 
 import torch
-from recbole.trainer import Trainer
+from recbole.trainer import PretrainTrainer, Trainer
 from recbole.utils import set_color
 from torch.nn.parallel import DistributedDataParallel
 
@@ -152,3 +152,27 @@ class SafeTrainer(Trainer):
             self._load_state(load_checkpoint(checkpoint_file, self.device))
             self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
         return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+
+
+class SafePretrainer(SafeTrainer, PretrainTrainer):
+    """RecBole's self-supervised pre-training loop (S3Rec's ``train_stage: pretrain``), saved safely.
+
+    Runs ``pretrain_epochs`` epochs (``train_time_budget`` applies to this phase too) and leaves
+    the weights in ``saved_model_file`` for the fine-tuning model's ``pre_model_path``.
+    """
+
+    def pretrain(self, train_data, verbose=True, show_progress=False):
+        self._fit_start = monotonic()
+        try:
+            super().pretrain(train_data, verbose, show_progress)
+        except _BudgetExhausted:
+            self.logger.info(f"train_time_budget of {self.time_budget}s spent after {self.epochs_run} pre-training epochs")
+        self.save_pretrained_model(self.epochs_run - 1, self.saved_model_file)
+        return self.saved_model_file
+
+    def save_pretrained_model(self, epoch, saved_model_file):
+        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+            return
+        state = {"config": plain_config(self.config), "epoch": int(epoch), "state_dict": self.model.state_dict()}
+        torch.save(state, saved_model_file)
+        self.saved_model_file = saved_model_file

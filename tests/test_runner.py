@@ -87,3 +87,22 @@ def test_ddp_on_cpu_with_two_processes(tmp_path):
          f"--checkpoint_dir={tmp_path / 'saved'}", *SMALL_SASREC]
     )
     assert result.epochs_run == 1 and 0.0 < result.test["recall@20"] <= 1.0
+
+
+def test_s3rec_pretrains_then_finetunes_from_its_weights(tiny_overrides, tiny_work):
+    """S3Rec's default train_stage is pretrain: the runner pre-trains, then fine-tunes from it."""
+    from recbole_prorec.runner import run
+
+    saved = tiny_work / "s3rec"
+    result = run("S3Rec", "tiny", [], tiny_overrides(
+        item_attribute="categories", pretrain_epochs=2, checkpoint_dir=str(saved)))
+    (pretrained,) = saved.glob("S3Rec-*-pretrained.pth")
+    (finetuned,) = set(saved.glob("S3Rec-*.pth")) - {pretrained}
+    pre, fine = load_checkpoint(str(pretrained)), load_checkpoint(str(finetuned))
+    assert pre["config"]["train_stage"] == "pretrain" and pre["epoch"] == 1
+    assert fine["config"]["train_stage"] == "finetune" and fine["config"]["pre_model_path"] == str(pretrained)
+    # the pre-training heads get no gradient when fine-tuning: equal weights prove the reload
+    for key in ("aap_norm.weight", "sp_norm.bias"):
+        assert torch.equal(pre["state_dict"][key], fine["state_dict"][key])
+    assert not torch.equal(pre["state_dict"]["item_embedding.weight"], fine["state_dict"]["item_embedding.weight"])
+    assert result.epochs_run == 1 and 0.0 <= result.test["ndcg@10"] <= 1.0
