@@ -102,12 +102,16 @@ class PRORecDIN(SequentialRecommender):
         if self.cka_tau is None or self.cka_tau <= 0:
             raise ValueError(f"cka_tau must be > 0, got {self.cka_tau}")
         self.item_embedding = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0)
+        # the attention output is a convex mix of history items, blind to how often an item is
+        # bought at all; a per-item bias carries that popularity signal
+        self.item_bias = nn.Embedding(self.n_items, 1, padding_idx=0)
         self.attention = ActivationUnit(self.hidden_size, list(config["din_attention_layers"]))
         self.dropout = nn.Dropout(config["din_dropout"])
         semantic = torch.as_tensor(load_semantic(config, dataset), dtype=torch.float32)
         self.register_buffer("semantic", semantic, persistent=False)
         self.mal = ModalityAdaptation(semantic.shape[1], self.hidden_size)
         nn.init.normal_(self.item_embedding.weight, std=0.02)
+        nn.init.zeros_(self.item_bias.weight)
 
     def user_vectors(self, interaction, candidates: torch.Tensor) -> torch.Tensor:
         history = self.dropout(self.item_embedding(interaction[self.ITEM_SEQ]))
@@ -120,7 +124,7 @@ class PRORecDIN(SequentialRecommender):
         users = self.user_vectors(interaction, candidates)
         if candidates.dim() == 2:
             candidates = candidates.unsqueeze(0)
-        return (users * candidates).sum(-1)
+        return (users * candidates).sum(-1) + self.item_bias(candidate_ids).squeeze(-1)
 
     def calculate_loss(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
         target = interaction[self.POS_ITEM_ID]

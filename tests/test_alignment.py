@@ -184,6 +184,24 @@ def test_din_full_sort_predict_equals_predict(din):
             torch.testing.assert_close(full[:, item], model.predict(batch))
 
 
+def test_din_item_bias_adds_to_every_users_score(din):
+    """The per-item bias is DIN's popularity channel: it shifts that item's score for all users."""
+    _, model, _, test = din
+    model.eval()
+    batch = next(iter(test))[0]
+    with torch.no_grad():
+        before = model.full_sort_predict(batch)
+        model.item_bias.weight[5] += 2.5
+        try:
+            after = model.full_sort_predict(batch)
+        finally:
+            model.item_bias.weight[5] -= 2.5
+    torch.testing.assert_close(after[:, 5], before[:, 5] + 2.5)
+    others = torch.arange(model.n_items) != 5
+    torch.testing.assert_close(after[:, others], before[:, others])
+    assert model.item_bias.weight[0].abs().sum() == 0  # padding has no bias
+
+
 def test_din_training_lowers_next_item_loss(tiny_overrides):
     config, _, (train, _, _) = build_recbole("PRORecDIN", tiny_overrides())
     torch.manual_seed(0)
