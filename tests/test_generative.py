@@ -42,6 +42,26 @@ def brute_force(model: PRORec, batch: Interaction) -> torch.Tensor:
     return torch.cat([torch.full((B, 1), float("-inf")), scores], dim=1)
 
 
+# --------------------------------------------------------------------------- encoder packing
+
+
+def test_a_users_scores_do_not_depend_on_the_rest_of_the_batch(stage2):
+    """The encoder packs real history tokens; padding and batch neighbours must not leak in."""
+    _, _, (train, _, _) = stage2
+    model = randomise(make_prorec(stage2), seed=3, std=0.1).eval()
+    batch = first_batch(train)
+    lengths = batch[model.ITEM_SEQ_LEN]
+    assert lengths.min() < lengths.max()  # the batch mixes short and long histories
+    with torch.no_grad():
+        together = model.predict(batch)
+        for i in torch.argsort(lengths)[[0, -1]].tolist():
+            alone = Interaction({k: batch[k][i : i + 1] for k in (model.ITEM_SEQ, model.ITEM_SEQ_LEN, model.ITEM_ID)})
+            torch.testing.assert_close(model.predict(alone), together[i : i + 1], rtol=1e-5, atol=1e-5)
+            # history padding holds item 0 whatever the width: widening it changes nothing
+            alone[model.ITEM_SEQ] = torch.cat([alone[model.ITEM_SEQ], torch.zeros_like(alone[model.ITEM_SEQ])], 1)
+            torch.testing.assert_close(model.predict(alone), together[i : i + 1], rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- beam search
 
 
