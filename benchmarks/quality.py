@@ -41,7 +41,7 @@ QUICK = {
     "n_encoder_layers": 1,
     "n_decoder_layers": 1,
     "warmup_steps": 10,
-    "stage1": {"epochs": 1, "train_batch_size": 256, "learning_rate": 0.001, "eval_step": 0},
+    "stage1": {"epochs": 1, "train_batch_size": 256, "learning_rate": 0.005, "eval_step": 0},
 }
 
 

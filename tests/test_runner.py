@@ -106,3 +106,16 @@ def test_s3rec_pretrains_then_finetunes_from_its_weights(tiny_overrides, tiny_wo
         assert torch.equal(pre["state_dict"][key], fine["state_dict"][key])
     assert not torch.equal(pre["state_dict"]["item_embedding.weight"], fine["state_dict"]["item_embedding.weight"])
     assert result.epochs_run == 1 and 0.0 <= result.test["ndcg@10"] <= 1.0
+
+
+def test_each_model_of_a_multi_model_run_gets_its_own_log_file(tiny_root, tmp_path, monkeypatch):
+    import logging
+
+    monkeypatch.chdir(tmp_path)  # RecBole writes ./log/<model>/...
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as in a fresh CLI process
+    main(["--model=SASRec,GRU4Rec", "--dataset=tiny", f"--data_path={tiny_root}",
+          f"--results_file={tmp_path / 't.md'}", f"--checkpoint_dir={tmp_path / 'saved'}",
+          "--load_col={'inter': ['user_id', 'item_id', 'timestamp']}", *SMALL_SASREC])
+    logs = {model: list((tmp_path / "log" / model).glob("*.log")) for model in ("SASRec", "GRU4Rec")}
+    assert all(len(files) == 1 for files in logs.values()), logs
+    assert "GRU4Rec(" in logs["GRU4Rec"][0].read_text() and "GRU4Rec(" not in logs["SASRec"][0].read_text()
