@@ -179,5 +179,6 @@ def load_semantic(config, dataset) -> np.ndarray:
         dtype=config["semantic_dtype"],
         cache_dir=Path(config["semantic_cache_dir"]) if config["semantic_cache_dir"] else None,
         id_field=config["ITEM_ID_FIELD"],
+        show_progress=config["show_progress"],
     )
     return np.vstack([np.zeros((1, emb.shape[1]), dtype=np.float32), emb])

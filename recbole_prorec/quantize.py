@@ -113,7 +113,7 @@ def _kmeans(points: np.ndarray, K: int, seed: int, n_init: int, max_iter: int) -
 
 
 def hkmeans(emb: np.ndarray, K: int = 256, seed: int = 2020, n_init: int = 1,
-            max_iter: int = 100) -> Codes:
+            max_iter: int = 100, show_progress: bool = True) -> Codes:
     """Hierarchical k-means codes, as in PRORec.
 
     K-means with K clusters splits every node holding more than K items; the code is the
@@ -131,7 +131,7 @@ def hkmeans(emb: np.ndarray, K: int = 256, seed: int = 2020, n_init: int = 1,
     codes: list[tuple[int, ...] | None] = [None] * n
     collisions = 0
     stack: list[tuple[np.ndarray, tuple[int, ...]]] = [(np.arange(n), ())]
-    progress = tqdm(total=n, desc="Hierarchical k-means")
+    progress = tqdm(total=n, desc="Hierarchical k-means", disable=not show_progress)
     while stack:
         members, prefix = stack.pop()
         if len(members) <= K:
@@ -224,7 +224,7 @@ class _RQVAE(nn.Module):
 
 def rqvae(emb: np.ndarray, K: int = 256, levels: int = 3, seed: int = 2020, epochs: int = 50,
           hidden_dims: tuple[int, ...] = (256, 128), latent_dim: int = 32, lr: float = 1e-3,
-          batch_size: int = 256, beta: float = 0.25, device: str = "cpu") -> Codes:
+          batch_size: int = 256, beta: float = 0.25, device: str = "cpu", show_progress: bool = True) -> Codes:
     """Residual-quantized VAE codes, TIGER style, of length ``levels + 1``.
 
     Inputs are centred and scaled by their global std so one learning rate fits any encoder.
@@ -247,7 +247,7 @@ def rqvae(emb: np.ndarray, K: int = 256, levels: int = 3, seed: int = 2020, epoc
         torch.manual_seed(seed)
         model = _RQVAE(x_all.shape[1], list(hidden_dims), latent_dim, K, levels, beta).to(device)
         x_all = x_all.to(device)
-        prefixes = _train_rqvae(model, x_all, epochs, lr, batch_size, seed)
+        prefixes = _train_rqvae(model, x_all, epochs, lr, batch_size, seed, show_progress)
     return _disambiguate(prefixes, K)
 
 
@@ -265,13 +265,13 @@ def _cpu_threads(device: str, n_threads: int = 1) -> Iterator[None]:
 
 
 def _train_rqvae(model: _RQVAE, x: torch.Tensor, epochs: int, lr: float, batch_size: int,
-                 seed: int) -> np.ndarray:
+                 seed: int, show_progress: bool = True) -> np.ndarray:
     """Train, then return the [n, levels] codes of every item."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     # init sample: several points per code, else level 1 would just memorise the sample
     init_size = max(batch_size, 4 * model.codebooks[0].shape[0])
     model.init_codebooks(x[torch.randperm(len(x), device=x.device)[:init_size]], seed)
-    for _ in tqdm(range(epochs), desc="Training RQ-VAE"):
+    for _ in tqdm(range(epochs), desc="Training RQ-VAE", disable=not show_progress):
         for batch in torch.randperm(len(x), device=x.device).split(batch_size):
             recon_loss, quant_loss = model(x[batch])
             optimizer.zero_grad()

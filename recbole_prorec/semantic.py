@@ -202,6 +202,7 @@ def encode_texts(
     dtype: str = "float32",
     cache_dir: Path | None = None,
     normalize: bool = True,
+    show_progress: bool = True,
 ) -> np.ndarray:
     """Encode texts into a float32 [n, d] array, pooled from the encoder's last hidden states.
 
@@ -227,7 +228,7 @@ def encode_texts(
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
     chunks = []
     with torch.inference_mode():
-        for start in tqdm(range(0, len(order), batch_size), desc="Encoding item texts"):
+        for start in tqdm(range(0, len(order), batch_size), desc="Encoding item texts", disable=not show_progress):
             batch = [texts[i] for i in order[start:start + batch_size]]
             inputs = tokenizer(batch, padding=True, truncation=True, max_length=max_length,
                                return_tensors="pt").to(device)
@@ -286,6 +287,7 @@ def item_semantic_embeddings(
     dtype: str = "float32",
     cache_dir: Path | None = None,
     id_field: str = "item_id",
+    show_progress: bool = True,
 ) -> np.ndarray:
     """Semantic embeddings [len(item_tokens), d] from a precomputed file or the item texts.
 
@@ -304,6 +306,6 @@ def item_semantic_embeddings(
         logger.info(f"{n_empty}/{len(texts)} items have no text and share the text "
                     f"'{EMPTY_TEXT_PLACEHOLDER}'")
         emb = encode_texts(texts, encoder, pooling, batch_size, max_length, device, dtype,
-                           cache_dir)
+                           cache_dir, show_progress=show_progress)
     logger.info(f"Semantic embeddings {emb.shape} ready in {time.time() - start:.1f}s")
     return emb

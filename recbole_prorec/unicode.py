@@ -96,9 +96,10 @@ def build_unicodes(dataset: str, config_files: Sequence[str], overrides: Mapping
 
 def quantizer_kwargs(config) -> dict:
     if config["quantizer"] == "hkmeans":
-        return {"n_init": config["hkmeans_n_init"]}
+        return {"n_init": config["hkmeans_n_init"], "show_progress": config["show_progress"]}
     if config["quantizer"] == "rqvae":
-        return {"levels": config["rqvae_levels"], "epochs": config["rqvae_epochs"]}
+        return {"levels": config["rqvae_levels"], "epochs": config["rqvae_epochs"],
+                "show_progress": config["show_progress"]}
     return {}
 
 

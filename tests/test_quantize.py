@@ -140,3 +140,13 @@ def test_quantize_rejects_bad_config(kwargs, match):
 def test_quantize_rejects_bad_embeddings(emb):
     with pytest.raises(ValueError, match="[Ee]mbeddings"):
         quantize(emb, "hkmeans", K=8)
+
+
+def test_progress_bars_follow_show_progress(capsys):
+    emb = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
+    quantize(emb, "hkmeans", K=4, show_progress=False)
+    quantize(emb, "rqvae", K=4, epochs=1, show_progress=False)
+    err = capsys.readouterr().err
+    assert "k-means" not in err and "RQ-VAE" not in err
+    quantize(emb, "hkmeans", K=4, show_progress=True)
+    assert "Hierarchical k-means" in capsys.readouterr().err
