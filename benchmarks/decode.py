@@ -69,7 +69,9 @@ def build_prorec(root: Path, name: str, beam: int, device: torch.device, seed: i
 
 def build_sasrec(root: Path, name: str, data, device: torch.device, seed: int):
     """RecBole's SASRec (CE) sized as in our Beauty baseline, over the same loaded dataset."""
-    from recbole.model.sequential_recommender import SASRec
+    from recbole_prorec.config import model_class
+
+    SASRec = model_class("SASRec")  # not a direct import: see model_class on anomaly detection
 
     config = project_config("SASRec-CE", root, name, SASREC)
     torch.manual_seed(seed)

@@ -69,13 +69,17 @@ def model_class(name: str) -> type:
         module, attr = OWN_MODELS[name].split(":")
         return getattr(importlib.import_module(module), attr)
     try:
-        return get_model(name)
+        model = get_model(name)
     except (ValueError, ImportError):  # RecBole tries its lightgbm/xgboost modules last
         known = sorted(set(OWN_MODELS) | set(variants()))
         raise ValueError(
             f"unknown model '{name}': neither one of ours or a named variant ({', '.join(known)}) "
             "nor a RecBole built-in model (see recbole.model)"
         ) from None
+    # RecBole's SINE module calls torch.autograd.set_detect_anomaly(True) when its package is
+    # imported: a debugging switch that roughly doubles the backward time of every model.
+    torch.autograd.set_detect_anomaly(False)
+    return model
 
 
 def resolve_model(label: str) -> ModelSpec:

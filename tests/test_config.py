@@ -107,3 +107,20 @@ def test_shipped_yaml_files_parse():
     assert len(files) >= 8
     for f in files:
         assert isinstance(load_yaml(f), dict)
+
+
+def test_recbole_models_leave_autograd_anomaly_detection_off():
+    """RecBole's SINE module turns anomaly detection on at import, doubling backward time."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from recbole_prorec.config import model_class
+
+    probe = "import torch, recbole.model.sequential_recommender; print(torch.is_anomaly_enabled())"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("True")  # the reason for the reset: still true of recbole 1.2.1
+    torch.autograd.set_detect_anomaly(True)
+    assert model_class("SASRec").__name__ == "SASRec"
+    assert not torch.is_anomaly_enabled()
