@@ -169,10 +169,15 @@ def test_din_losses_are_two_finite_scalars(din):
     assert abs(losses[0].item() - math.log(1 + model.neg_samples)) < 1.0
 
 
-def test_din_full_sort_predict_equals_predict(din):
-    config, model, _, test = din
-    model.eval()
-    batch = next(iter(test))[0]
+@pytest.fixture
+def din_eval(din):
+    """The DIN in eval mode and a fresh first test batch."""
+    _, model, _, test = din
+    return model.eval(), next(iter(test))[0]
+
+
+def test_din_full_sort_predict_equals_predict(din_eval):
+    model, batch = din_eval
     with torch.no_grad():
         full = model.full_sort_predict(batch)
         assert full.shape == (len(batch), model.n_items)
@@ -184,11 +189,9 @@ def test_din_full_sort_predict_equals_predict(din):
             torch.testing.assert_close(full[:, item], model.predict(batch))
 
 
-def test_din_item_bias_adds_to_every_users_score(din):
+def test_din_item_bias_adds_to_every_users_score(din_eval):
     """The per-item bias is DIN's popularity channel: it shifts that item's score for all users."""
-    _, model, _, test = din
-    model.eval()
-    batch = next(iter(test))[0]
+    model, batch = din_eval
     with torch.no_grad():
         before = model.full_sort_predict(batch)
         model.item_bias.weight[5] += 2.5
