@@ -6,7 +6,6 @@ RecBole's own models); it builds config, dataset, loaders, model and trainer its
 from __future__ import annotations
 
 import argparse
-import logging
 import socket
 import sys
 from datetime import datetime
@@ -18,31 +17,15 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.multiprocessing as mp
 from recbole.data import create_dataset, data_preparation
-from recbole.utils import init_logger, init_seed
+from recbole.utils import init_seed
 
 from recbole_prorec import PROJECT_ROOT
 from recbole_prorec.config import ModelSpec, ProjectConfig, resolve_model
 from recbole_prorec.data import check_columns, statistics, statistics_table
+from recbole_prorec.logs import start_log
 from recbole_prorec.trainer import SafePretrainer, SafeTrainer
 
 TABLE_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
-
-
-# Handlers RecBole's init_logger installed for the previous run in this process.
-_RUN_LOG_HANDLERS: list[logging.Handler] = []
-
-
-def start_run_log(config) -> None:
-    """RecBole's ``init_logger``, once per run: it relies on ``logging.basicConfig``, a no-op while
-    the root logger has handlers, so every model of a multi-model run would log into the first
-    model's file. The previous run's handlers are closed first."""
-    root = logging.getLogger()
-    for handler in _RUN_LOG_HANDLERS:
-        root.removeHandler(handler)
-        handler.close()
-    before = set(root.handlers)
-    init_logger(config)
-    _RUN_LOG_HANDLERS[:] = [h for h in root.handlers if h not in before]
 
 
 @dataclass
@@ -96,7 +79,7 @@ def run(
         return folder
     config = ProjectConfig(spec, dataset, config_files, overrides, data_folder=folder)
     init_seed(config["seed"], config["reproducibility"])
-    start_run_log(config)
+    start_log(config)
     logger = getLogger()
     logger.info(config)
     check_columns(Path(config["data_path"]).parent, dataset, config["load_col"])

@@ -20,12 +20,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 from recbole.data import create_dataset, data_preparation
-from recbole.utils import init_logger, init_seed
+from recbole.utils import init_seed
 from sklearn.decomposition import PCA
 
 from recbole_prorec.alignment import PRORecDIN, load_semantic
 from recbole_prorec.config import PROPERTIES, ModelSpec, ProjectConfig, load_yaml, plain_config
 from recbole_prorec.data import check_columns, read_header
+from recbole_prorec.logs import start_log
 from recbole_prorec.quantize import Codes, quantize
 from recbole_prorec.trainer import SafeTrainer
 
@@ -66,7 +67,7 @@ def stage1_key(config: ProjectConfig) -> str:
 def build_unicodes(dataset: str, config_files: Sequence[str], overrides: Mapping[str, Any]) -> Path:
     """Run (or reuse) Stage I; returns the data folder to hand RecBole as ``data_path``."""
     config = stage1_config(dataset, config_files, overrides)
-    init_logger(config)
+    start_log(config)
     logger = getLogger()
     source = Path(config["data_path"])
     out_root = Path(config["unicode_dir"]) / f"{dataset}-{stage1_key(config)}"

@@ -119,3 +119,18 @@ def test_each_model_of_a_multi_model_run_gets_its_own_log_file(tiny_root, tmp_pa
     logs = {model: list((tmp_path / "log" / model).glob("*.log")) for model in ("SASRec", "GRU4Rec")}
     assert all(len(files) == 1 for files in logs.values()), logs
     assert "GRU4Rec(" in logs["GRU4Rec"][0].read_text() and "GRU4Rec(" not in logs["SASRec"][0].read_text()
+
+
+
+def test_prorec_logs_stage1_and_stage2_to_their_own_files(tiny_overrides, tmp_path, monkeypatch):
+    import logging
+
+    from recbole_prorec.runner import run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as in a fresh CLI process
+    run("PRORec", "tiny", [], tiny_overrides())
+    (din_log,) = (tmp_path / "log" / "PRORecDIN").glob("*.log")
+    (gen_log,) = (tmp_path / "log" / "PRORec").glob("*.log")
+    assert "Stage I" in din_log.read_text() and "PRORec(" not in din_log.read_text()
+    assert "PRORec(" in gen_log.read_text() and "Stage I" not in gen_log.read_text()
