@@ -2,10 +2,11 @@
 
 Every model runs through ``recbole_prorec.runner.run`` (the same leave-one-out full-ranking
 protocol of ``properties/overall.yaml``) with the same seeds and either the same wall-clock
-budget (``--budget`` -> ``train_time_budget``: no epoch starts after it; evaluation and PRORec's
-Stage I are not counted) or the same epoch cap (``--epochs``). The Markdown table gives
-Recall/NDCG@10/20 as mean ± std over seeds, best epoch, training seconds, wall seconds per run
-(everything, Stage I included) and each model's NDCG@10 relative to SASRec-CE's (per-seed ratio).
+budget (``--budget`` -> ``train_time_budget``: no epoch starts after it; it counts training and
+per-epoch validation, not PRORec's Stage I or the final test) or the same epoch cap
+(``--epochs``). The Markdown table gives Recall/NDCG@10/20 as mean ± std over seeds, best epoch,
+training seconds, wall seconds per run (everything, Stage I included) and each model's NDCG@10
+relative to SASRec-CE's (per-seed ratio).
 
     python benchmarks/quality.py --dataset Amazon_Beauty --budget 3600 --seeds 2020,2021
     python benchmarks/quality.py --models SASRec-CE,PRORec --epochs 50 --set hidden_size=64
@@ -23,7 +24,7 @@ from typing import Any, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Report, base_parser, fmt, markdown_table, setup  # noqa: E402
 
-DEFAULT_MODELS = "SASRec-CE,SASRec-BPR,GRU4Rec,BERT4Rec,TIGER,PRORec"
+DEFAULT_MODELS = "SASRec-CE,SASRec-BCE,GRU4Rec,BERT4Rec,TIGER,PRORec"
 REFERENCE = "SASRec-CE"
 # overrides that do not change results, left out of the table's caption
 HIDDEN_KEYS = ("show_progress", "state", "gpu_id", "unicode_dir", "checkpoint_dir", "semantic_cache_dir")

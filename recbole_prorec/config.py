@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import recbole
 import torch
 import yaml
 from recbole.config import Config
@@ -22,14 +23,20 @@ from recbole_prorec import PROJECT_ROOT
 from recbole_prorec.data import find_dataset, search_folders
 
 PROPERTIES = PROJECT_ROOT / "properties"
+RECBOLE_PROPERTIES = Path(recbole.__file__).resolve().parent / "properties"
 
 # Models that live in this package; RecBole's ``get_model`` only searches its own modules.
 OWN_MODELS = {
     "PRORec": "recbole_prorec.generative:PRORec",
     "PRORecDIN": "recbole_prorec.alignment:PRORecDIN",
+    "SASRecBCE": "recbole_prorec.baselines:SASRecBCE",
 }
-# YAML files of our models: PRORec also reads Stage I's keys, since it runs Stage I first.
-MODEL_YAML = {"PRORec": ["PRORecDIN", "PRORec"]}
+# YAML files of our models: PRORec also reads Stage I's keys, since it runs Stage I first;
+# SASRecBCE starts from RecBole's SASRec defaults, which RecBole looks up by class name only.
+MODEL_YAML = {
+    "PRORec": [PROPERTIES / "model" / "PRORecDIN.yaml", PROPERTIES / "model" / "PRORec.yaml"],
+    "SASRecBCE": [RECBOLE_PROPERTIES / "model" / "SASRec.yaml", PROPERTIES / "model" / "SASRecBCE.yaml"],
+}
 
 
 @dataclass(frozen=True)
@@ -97,7 +104,7 @@ def resolve_model(label: str) -> ModelSpec:
 def default_files(model: str, dataset: str) -> list[Path]:
     """The project's YAML layers that exist for this model and dataset (dataset keys win)."""
     files = [PROPERTIES / "overall.yaml"]
-    files += [PROPERTIES / "model" / f"{m}.yaml" for m in MODEL_YAML.get(model, [model])]
+    files += MODEL_YAML.get(model, [PROPERTIES / "model" / f"{model}.yaml"])
     files.append(PROPERTIES / "dataset" / f"{dataset}.yaml")
     return [f for f in files if f.is_file()]
 
