@@ -1,9 +1,9 @@
 """Layered YAML configuration on top of RecBole's ``Config``.
 
 Layers, lowest priority first: RecBole's internal defaults, ``properties/overall.yaml``
-(the paper's protocol), ``properties/dataset/<dataset>.yaml``, ``properties/model/<model>.yaml``,
+(the paper's protocol), ``properties/model/<model>.yaml``, ``properties/dataset/<dataset>.yaml``,
 the named variant in ``properties/variants.yaml``, the user's ``--config_files``, then
-``--key=value`` overrides. The dataset folder is resolved by us (``data.find_dataset``) rather
+``--key=value`` overrides. The ``stage1`` block is merged key by key, not replaced. The dataset folder is resolved by us (``data.find_dataset``) rather
 than by RecBole, which would force ``ml-100k`` to its bundled copy and prompt for downloads.
 """
 from __future__ import annotations
@@ -33,6 +33,8 @@ OWN_MODELS = {
 }
 # YAML files of our models: PRORec also reads Stage I's keys, since it runs Stage I first;
 # SASRecBCE starts from RecBole's SASRec defaults, which RecBole looks up by class name only.
+# Dict-valued keys merged key by key across layers rather than replaced (``--stage1="{'epochs': 5}"``).
+MERGED_BLOCKS = ("stage1",)
 MODEL_YAML = {
     "PRORec": [PROPERTIES / "model" / "PRORecDIN.yaml", PROPERTIES / "model" / "PRORec.yaml"],
     "SASRecBCE": [RECBOLE_PROPERTIES / "model" / "SASRec.yaml", PROPERTIES / "model" / "SASRecBCE.yaml"],
@@ -74,17 +76,19 @@ def model_class(name: str) -> type:
     """Our own model classes by name, else RecBole's built-in ones."""
     if name in OWN_MODELS:
         module, attr = OWN_MODELS[name].split(":")
-        return getattr(importlib.import_module(module), attr)
-    try:
-        model = get_model(name)
-    except (ValueError, ImportError):  # RecBole tries its lightgbm/xgboost modules last
-        known = sorted(set(OWN_MODELS) | set(variants()))
-        raise ValueError(
-            f"unknown model '{name}': neither one of ours or a named variant ({', '.join(known)}) "
-            "nor a RecBole built-in model (see recbole.model)"
-        ) from None
+        model = getattr(importlib.import_module(module), attr)
+    else:
+        try:
+            model = get_model(name)
+        except (ValueError, ImportError):  # RecBole tries its lightgbm/xgboost modules last
+            known = sorted(set(OWN_MODELS) | set(variants()))
+            raise ValueError(
+                f"unknown model '{name}': neither one of ours or a named variant ({', '.join(known)}) "
+                "nor a RecBole built-in model (see recbole.model)"
+            ) from None
     # RecBole's SINE module calls torch.autograd.set_detect_anomaly(True) when its package is
-    # imported: a debugging switch that roughly doubles the backward time of every model.
+    # imported (by get_model, or by our subclasses of its models): a debugging switch that
+    # roughly doubles the backward time of every model.
     torch.autograd.set_detect_anomaly(False)
     return model
 
@@ -154,17 +158,26 @@ class ProjectConfig(Config):
             if not f.is_file():
                 raise FileNotFoundError(f"config file not found: {f} (from --config_files)")
         files = default_files(spec.name, dataset)
-        self._project_defaults = {}
-        for f in files:
-            self._project_defaults.update(load_yaml(f))
-        variant = dict(spec.overrides)
+        project = [load_yaml(f) for f in files]
+        self._project_defaults = {k: v for layer in project for k, v in layer.items()}
+        # the variant sits between the project's files and the user's: --config_files may amend it
+        self._layers = [*project, dict(spec.overrides), *(load_yaml(f) for f in self._user_files)]
         super().__init__(
             model=spec.model_class,
             dataset=dataset,
-            config_file_list=[str(f) for f in files + self._user_files],
-            config_dict=variant,
+            config_file_list=[str(f) for f in files],
+            config_dict={k: v for layer in self._layers[len(project):] for k, v in layer.items()},
         )
         self.final_config_dict["model_label"] = spec.label
+
+    @property
+    def known_keys(self) -> set[str]:
+        """Keys with a documented default (RecBole's or one of our YAML files), not stray extras."""
+        return set(self.internal_config_dict) | set(self._project_defaults)
+
+    def _load_variable_config_dict(self, config_dict: dict) -> dict:
+        # the variant's and the user files' values are typed YAML; RecBole would eval() their strings
+        return dict(config_dict or {})
 
     def _load_cmd_line(self) -> dict:
         # RecBole would parse sys.argv itself; our runner hands over the parsed overrides instead.
@@ -173,6 +186,10 @@ class ProjectConfig(Config):
     def _set_default_parameters(self) -> None:
         self._check_user_types()
         cfg = self.final_config_dict
+        for key in MERGED_BLOCKS:  # a later layer amends these blocks key by key
+            blocks = [layer.get(key) for layer in (*self._layers, self.cmd_config_dict)]
+            if any(isinstance(b, dict) for b in blocks):
+                cfg[key] = {k: v for b in blocks if isinstance(b, dict) for k, v in b.items()}
         # CE-trained sequential models need no sampled negatives; RecBole errors unless told so.
         if "train_neg_sample_args" not in self.external_config_dict and cfg.get("loss_type") != "BPR":
             cfg["train_neg_sample_args"] = None

@@ -12,6 +12,7 @@ from datetime import datetime
 from dataclasses import dataclass, field
 from logging import getLogger
 from pathlib import Path
+from time import monotonic
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -116,16 +117,20 @@ def run(
 
 def pretrain(spec: ModelSpec, config: ProjectConfig, train) -> float:
     """Self-supervised pre-training (S3Rec's ``train_stage: pretrain``); switches ``config`` to
-    fine-tuning from the pre-trained weights and returns the pre-training time in seconds."""
+    fine-tuning from the pre-trained weights, with what is left of ``train_time_budget``, and
+    returns the pre-training time in seconds."""
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = spec.model_class(config, train._dataset).to(config["device"])
     trainer = SafePretrainer(config, model)
     trainer.saved_model_file = trainer.saved_model_file.replace(".pth", "-pretrained.pth")
+    start = monotonic()
     path = trainer.pretrain(train, show_progress=config["show_progress"])
     if not config["single_spec"]:
         torch.distributed.barrier()  # the file is written by rank 0 only
     config["train_stage"] = "finetune"
     config["pre_model_path"] = path
+    if config["train_time_budget"]:  # one budget for both phases; a spent one still fine-tunes an epoch
+        config["train_time_budget"] = max(config["train_time_budget"] - (monotonic() - start), 1e-9)
     return trainer.train_time
 
 

@@ -6,6 +6,7 @@ data only, and always reload with ``weights_only=True``.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from time import monotonic
 from typing import Any
 
@@ -135,11 +136,12 @@ class SafeTrainer(Trainer):
         self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
 
     def _load_state(self, checkpoint: dict[str, Any]) -> None:
-        if checkpoint["config"].get("model") != self.config["model"]:
-            raise ValueError(
-                f"checkpoint holds model {checkpoint['config'].get('model')}, "
-                f"not {self.config['model']}"
-            )
+        # PRORec's weights fit any dataset's codes of the same depth, so shapes alone prove nothing:
+        # the data folder's last two parts name the dataset and, for PRORec, its Stage-I output
+        saved, now = checkpoint["config"], plain_config(self.config)
+        for key, part in (("model", str), ("dataset", str), ("data_path", lambda p: Path(p).parts[-2:])):
+            if saved.get(key) is None or part(saved[key]) != part(now[key]):
+                raise ValueError(f"checkpoint was trained with {key}={saved.get(key)!r}, this run has {key}={now[key]!r}")
         self.model.load_state_dict(checkpoint["state_dict"])
         self.model.load_other_parameter(checkpoint.get("other_parameter"))
 
@@ -157,7 +159,7 @@ class SafeTrainer(Trainer):
 class SafePretrainer(SafeTrainer, PretrainTrainer):
     """RecBole's self-supervised pre-training loop (S3Rec's ``train_stage: pretrain``), saved safely.
 
-    Runs ``pretrain_epochs`` epochs (``train_time_budget`` applies to this phase too) and leaves
+    Runs ``pretrain_epochs`` epochs (within ``train_time_budget``, whose rest goes to fine-tuning) and leaves
     the weights in ``saved_model_file`` for the fine-tuning model's ``pre_model_path``.
     """
 

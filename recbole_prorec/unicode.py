@@ -3,8 +3,9 @@
 The output is a new RecBole dataset folder ``<unicode_dir>/<dataset>-<key>/<dataset>/`` holding a
 copy of the ``.inter`` file, the ``.item`` file with an added ``unicode:token_seq`` column, the
 integrated embeddings (``.emb.npy`` with ``.emb_items.txt`` giving each row's item token) and
-``stage1.json``. ``<key>`` hashes every setting Stage I depends on plus the source files'
-size and mtime, so a rerun with the same settings reuses the folder.
+``stage1.json``. ``<key>`` hashes Stage I's whole configuration (less the keys that cannot change
+its output) plus the size and mtime of the source files and of ``semantic_embedding_file``, so a
+rerun with the same settings reuses the folder and any other setting trains anew.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from recbole.utils import init_seed
 from sklearn.decomposition import PCA
 
 from recbole_prorec.alignment import PRORecDIN, load_semantic
-from recbole_prorec.config import PROPERTIES, ModelSpec, ProjectConfig, load_yaml, plain_config
+from recbole_prorec.config import ModelSpec, ProjectConfig, plain_config
 from recbole_prorec.data import check_columns, read_header
 from recbole_prorec.logs import start_log
 from recbole_prorec.quantize import Codes, quantize
@@ -32,34 +33,38 @@ from recbole_prorec.trainer import SafeTrainer
 
 UNICODE_FIELD = "unicode"
 FUSIONS = ("prorec", "collab_only", "semantic_only", "concat")
-# RecBole keys that change which data Stage I sees.
-DATA_KEYS = (
-    "dataset", "load_col", "user_inter_num_interval", "item_inter_num_interval", "eval_args",
-    "MAX_ITEM_LIST_LENGTH", "seed", "ITEM_ID_FIELD", "USER_ID_FIELD", "TIME_FIELD",
-)
-# Keys that cannot change the output.
-IGNORED_KEYS = {"stage1_rerun", "stage1_evaluate", "unicode_dir", "semantic_cache_dir", "semantic_batch_size",
-                "semantic_device", "din_full_sort_chunk"}
+# Keys that cannot change Stage I's output: where files go, logging, devices, evaluation batching.
+IGNORED_KEYS = {
+    "stage1_rerun", "stage1_evaluate", "unicode_dir", "semantic_cache_dir", "semantic_batch_size",
+    "semantic_device", "din_full_sort_chunk", "checkpoint_dir", "data_search_paths", "dataset_save_path",
+    "dataloaders_save_path", "save_dataset", "save_dataloaders", "eval_batch_size", "gpu_id", "use_gpu",
+    "local_rank", "single_spec", "worker", "state", "show_progress", "log_wandb", "wandb_project",
+    "loss_decimal_place", "metric_decimal_place", "model_label", "load_checkpoint",
+}
 
 
 def stage1_config(dataset: str, config_files: Sequence[str], overrides: Mapping[str, Any]) -> ProjectConfig:
-    """Config of the Stage-I DIN: shared keys, then the ``stage1`` training block on top."""
+    """Config of the Stage-I DIN: shared keys, then the ``stage1`` training block on top (whose
+    ``train_time_budget`` replaces the run's, which is Stage II's)."""
     spec = ModelSpec("PRORecDIN", PRORecDIN)
     probe = ProjectConfig(spec, dataset, config_files, overrides)
     return ProjectConfig(spec, dataset, config_files, {**overrides, **(probe["stage1"] or {})})
 
 
 def stage1_key(config: ProjectConfig) -> str:
-    """Hash of what Stage I's output depends on: its own keys, the data keys and the data files."""
-    own = [k for k in load_yaml(PROPERTIES / "model" / "PRORecDIN.yaml") if k not in IGNORED_KEYS]
-    plain = plain_config(config)
-    relevant = {k: plain.get(k) for k in sorted(own + list(DATA_KEYS))}
+    """Hash of what Stage I's output depends on: its configuration and its input files.
+
+    Keys without a default for Stage I's model (Stage II's ``hidden_size``, say) are left out."""
+    known = config.known_keys | {"dataset", "data_path"}
+    relevant = {k: v for k, v in plain_config(config).items() if k in known and k not in IGNORED_KEYS}
     folder = Path(config["data_path"])
-    for suffix in ("inter", "item"):
-        path = folder / f"{config['dataset']}.{suffix}"
+    inputs = {suffix: folder / f"{config['dataset']}.{suffix}" for suffix in ("inter", "item")}
+    if config["semantic_embedding_file"]:
+        inputs["semantic_embedding_file"] = Path(config["semantic_embedding_file"])
+    for name, path in inputs.items():
         if path.is_file():
             stat = path.stat()
-            relevant[f"file.{suffix}"] = [stat.st_size, stat.st_mtime_ns]
+            relevant[f"file.{name}"] = [stat.st_size, stat.st_mtime_ns]
     blob = json.dumps(relevant, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 

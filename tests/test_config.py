@@ -124,3 +124,35 @@ def test_recbole_models_leave_autograd_anomaly_detection_off():
     torch.autograd.set_detect_anomaly(True)
     assert model_class("SASRec").__name__ == "SASRec"
     assert not torch.is_anomaly_enabled()
+    # in a fresh interpreter our own subclass of SASRec is the first to import RecBole's models
+    probe = ("import torch; from recbole_prorec.config import model_class; "
+             "print(model_class('SASRecBCE').__name__, torch.is_anomaly_enabled())")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "SASRecBCE False"
+
+
+def test_time_budget_takes_whole_and_fractional_seconds():
+    """benchmarks/quality.py passes ``--budget`` as a float, the runner's command line an int."""
+    for budget in (180.0, 1200):
+        config = ProjectConfig(resolve_model("SASRec-CE"), "ml-100k", overrides={"train_time_budget": budget})
+        assert config["train_time_budget"] == budget
+    with pytest.raises(ValueError, match="config key 'train_time_budget' from the command line must be float"):
+        ProjectConfig(resolve_model("SASRec-CE"), "ml-100k", overrides={"train_time_budget": "soon"})
+
+
+def test_config_files_amend_a_variant(tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("ikd_weight: 0.5\ntext_template: 'Title: {movie_title}.'\n", encoding="utf-8")
+    config = ProjectConfig(resolve_model("PRORec-CKA"), "ml-100k", [mine])
+    assert config["ikd_weight"] == 0.5  # the variant says 0.0; the user's file comes later
+    assert config["text_template"] == "Title: {movie_title}."
+    assert ProjectConfig(resolve_model("PRORec-CKA"), "ml-100k")["ikd_weight"] == 0.0
+    assert ProjectConfig(resolve_model("PRORec-CKA"), "ml-100k", [mine], {"ikd_weight": 2.0})["ikd_weight"] == 2.0
+
+
+def test_stage1_block_is_amended_key_by_key(tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("stage1: {train_batch_size: 64}\n", encoding="utf-8")
+    config = ProjectConfig(resolve_model("PRORec"), "ml-100k", [mine], {"stage1": "{'epochs': 5}"})
+    # epochs from the command line, batch size from the file, the rest from the dataset's YAML
+    assert config["stage1"] == {"epochs": 5, "train_batch_size": 64, "learning_rate": 0.005, "eval_step": 0}

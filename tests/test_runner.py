@@ -80,6 +80,15 @@ def test_load_checkpoint_evaluates_without_training(sasrec_run):
     assert result.test == trained.test  # same weights, same protocol, same numbers
 
 
+def test_checkpoint_of_another_dataset_is_refused(sasrec_run, tiny_overrides):
+    from recbole_prorec.runner import run
+
+    tmp, _ = sasrec_run
+    (ckpt,) = (tmp / "saved").glob("SASRec-*.pth")
+    with pytest.raises(ValueError, match="checkpoint was trained with dataset='ml-100k', this run has dataset='tiny'"):
+        run("SASRec", "tiny", [], tiny_overrides(load_checkpoint=str(ckpt), checkpoint_dir=str(tmp / "saved3")))
+
+
 def test_ddp_on_cpu_with_two_processes(tmp_path):
     """RecBole hard-codes NCCL/CUDA for DDP; ours trains with gloo on CPU."""
     (result,) = main(
@@ -95,12 +104,14 @@ def test_s3rec_pretrains_then_finetunes_from_its_weights(tiny_overrides, tiny_wo
 
     saved = tiny_work / "s3rec"
     result = run("S3Rec", "tiny", [], tiny_overrides(
-        item_attribute="categories", pretrain_epochs=2, checkpoint_dir=str(saved)))
+        item_attribute="categories", pretrain_epochs=2, checkpoint_dir=str(saved), train_time_budget=1000))
     (pretrained,) = saved.glob("S3Rec-*-pretrained.pth")
     (finetuned,) = set(saved.glob("S3Rec-*.pth")) - {pretrained}
     pre, fine = load_checkpoint(str(pretrained)), load_checkpoint(str(finetuned))
     assert pre["config"]["train_stage"] == "pretrain" and pre["epoch"] == 1
     assert fine["config"]["train_stage"] == "finetune" and fine["config"]["pre_model_path"] == str(pretrained)
+    # fine-tuning gets what pre-training left of the one budget
+    assert 1000 - result.train_time - 5 < fine["config"]["train_time_budget"] < 1000
     # the pre-training heads get no gradient when fine-tuning: equal weights prove the reload
     for key in ("aap_norm.weight", "sp_norm.bias"):
         assert torch.equal(pre["state_dict"][key], fine["state_dict"][key])

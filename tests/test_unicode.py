@@ -127,13 +127,21 @@ def test_second_run_reuses_the_output(stage1_folder, tiny_overrides, monkeypatch
 def test_stage1_key_follows_stage1_settings(stage1_folder, tiny_overrides):
     key = stage1_key(stage1_config(DATASET, [], tiny_overrides()))
     assert stage1_folder.name == f"{DATASET}-{key}"
-    for changed in ({"codebook_size": 8}, {"fusion": "concat"}, {"cka_weight": 0.5},
-                    {"stage1": {"epochs": 3, "train_batch_size": 32, "learning_rate": 0.005, "eval_step": 0}},
+    for changed in ({"codebook_size": 8}, {"fusion": "concat"}, {"cka_weight": 0.5}, {"stage1": {"epochs": 3}},
+                    {"stage1": {"train_time_budget": 5}}, {"weight_decay": 0.1}, {"stopping_step": 2},
                     {"seed": 1}, {"MAX_ITEM_LIST_LENGTH": 10}):
         other = stage1_key(stage1_config(DATASET, [], tiny_overrides(**changed)))
         assert other != key, f"{changed} does not change the Stage I key"
-    same = stage1_key(stage1_config(DATASET, [], tiny_overrides(stage1_rerun=True, semantic_batch_size=3)))
-    assert same == key
+    # Stage II's keys (its budget among them) and keys that cannot change the output keep it
+    for kept in ({"stage1_rerun": True, "semantic_batch_size": 3}, {"train_time_budget": 900},
+                 {"hidden_size": 64, "beam_size": 30}, {"load_checkpoint": "x.pth", "state": "warning"}):
+        assert stage1_key(stage1_config(DATASET, [], tiny_overrides(**kept))) == key, kept
+
+
+def test_stage1_takes_its_own_budget_not_stage2s(tiny_overrides):
+    assert stage1_config(DATASET, [], tiny_overrides(train_time_budget=900))["train_time_budget"] == 0
+    block = tiny_overrides()["stage1"] | {"train_time_budget": 60}
+    assert stage1_config(DATASET, [], tiny_overrides(stage1=block))["train_time_budget"] == 60
 
 
 @pytest.fixture(scope="module")
