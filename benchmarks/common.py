@@ -14,11 +14,11 @@ import statistics
 import sys
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 import warnings
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -114,17 +114,6 @@ def time_fn(
         synchronize(device)
         times.append(time.perf_counter() - start)
     return Timing(statistics.median(times), times)
-
-
-@contextmanager
-def wall_clock() -> Iterator[list[float]]:
-    """``with wall_clock() as t: ...``; afterwards ``t[0]`` holds the seconds spent."""
-    out: list[float] = []
-    start = time.perf_counter()
-    try:
-        yield out
-    finally:
-        out.append(time.perf_counter() - start)
 
 
 # --------------------------------------------------------------------------- memory
@@ -321,6 +310,8 @@ def write_synthetic_dataset(
     the ``unicode:token_seq`` column; ``integrated`` is written as Stage I's ``.emb.npy`` (for
     IKD); ``semantic`` as ``.sem.npy`` (pass it as ``semantic_embedding_file``).
     """
+    from recbole_prorec.data import embedding_files
+
     folder = Path(root) / name
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -340,8 +331,9 @@ def write_synthetic_dataset(
         rows.append(token + (("\t" + " ".join(map(str, codes[i]))) if codes is not None else ""))
     (folder / f"{name}.item").write_text("\n".join(rows) + "\n", encoding="utf-8")
     if integrated is not None:
-        np.save(folder / f"{name}.emb.npy", integrated.astype(np.float32))
-        (folder / f"{name}.emb_items.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
+        emb_file, items_file = embedding_files(folder, name)
+        np.save(emb_file, integrated.astype(np.float32))
+        items_file.write_text("\n".join(tokens) + "\n", encoding="utf-8")
     if semantic is not None:
         np.save(folder / f"{name}.sem.npy", semantic.astype(np.float32))
     return Path(root)

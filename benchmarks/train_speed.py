@@ -234,7 +234,7 @@ def loader_batches(loader, n: int, device) -> tuple[list, float]:
 def stage2_folder(dataset: str, stage1_config, data, tmp: Path) -> tuple[Path, str]:
     """Stage I's cached output folder for this config, else a temp copy with random codes."""
     from recbole_prorec.quantize import random_codes
-    from recbole_prorec.unicode import stage1_key, write_item_file
+    from recbole_prorec.unicode import stage1_key, write_unicode_files
 
     cached = Path(stage1_config["unicode_dir"]) / f"{dataset}-{stage1_key(stage1_config)}"
     if (cached / dataset / "stage1.json").is_file():
@@ -245,11 +245,8 @@ def stage2_folder(dataset: str, stage1_config, data, tmp: Path) -> tuple[Path, s
     id_field = stage1_config["ITEM_ID_FIELD"]
     tokens = list(data.field2id_token[id_field])[1:]
     codes = random_codes(len(tokens), K=stage1_config["codebook_size"], seed=stage1_config["seed"])
-    shutil.copyfile(source / f"{dataset}.inter", target / f"{dataset}.inter")
-    write_item_file(source / f"{dataset}.item", target / f"{dataset}.item", tokens, codes.to_strings(), id_field)
     emb = np.random.default_rng(0).standard_normal((len(tokens), stage1_config["din_embedding_size"]))
-    np.save(target / f"{dataset}.emb.npy", emb.astype(np.float32))
-    (target / f"{dataset}.emb_items.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    write_unicode_files(source, target, dataset, tokens, codes, emb, id_field)
     return tmp, "random codes (no cached Stage I output for this config; run --stage=unicode for real ones)"
 
 

@@ -7,13 +7,12 @@ over users or beams.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 StepFn = Callable[[Tensor], Tensor]
-ReorderFn = Callable[[Tensor], None]
 
 
 class CodeTrie:
@@ -33,7 +32,7 @@ class CodeTrie:
             item whose complete code is that node, or -1 for inner nodes
             (``d = 0 .. max_len``; the root is never a leaf).
         blocked: ``blocked[t]`` is a BoolTensor ``[n_nodes(t) + 1, K]``, the
-            negation of ``valid_mask`` plus a last "finished" row that only
+            negation of ``children[t] >= 0`` plus a last "finished" row that only
             opens code 0, so finished beams go through the same masked top-k.
 
     Memory: the tables are dense, ``9 * K * sum_{t < max_len} n_nodes(t)``
@@ -88,10 +87,6 @@ class CodeTrie:
     def device(self) -> torch.device:
         return self.leaf_item[0].device
 
-    def valid_mask(self, t: int, node_ids: Tensor) -> Tensor:
-        """BoolTensor ``[N, K]``: which codes at position ``t`` lead to at least one item."""
-        return self.children[t][node_ids] >= 0
-
 
 def _check_codes(codes: Tensor, K: int) -> Tensor:
     """Validate shape, value range, padding layout and padding row 0; return a LongTensor."""
@@ -128,8 +123,6 @@ def constrained_beam_search(
     trie: CodeTrie,
     batch_size: int,
     beam_size: int,
-    device: Optional[torch.device | str] = None,
-    reorder_fn: Optional[ReorderFn] = None,
 ) -> tuple[Tensor, Tensor]:
     """Decode the ``beam_size`` most likely items per user, restricted to real codes.
 
@@ -140,10 +133,8 @@ def constrained_beam_search(
             ``[B*beam, 0]`` at ``t = 0``). Finished and empty beams keep
             being passed (finished ones are extended with the filler code 0);
             their outputs are ignored.
-        trie: the item code trie; it must already live on ``device``
-            (default: the trie's device), move it once with ``trie.to``.
-        reorder_fn: optional callback, called after each step with the source
-            row ``[B*beam]`` of every new beam, e.g. to reorder a KV cache.
+        trie: the item code trie; the search runs on its device (move it once
+            with ``trie.to``), where ``step_fn`` must return its scores.
 
     Returns:
         ``(items [B, beam], scores [B, beam])`` sorted by score descending;
@@ -156,9 +147,7 @@ def constrained_beam_search(
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    device = trie.device if device is None else torch.empty(0, device=device).device
-    if device != trie.device:
-        raise ValueError(f"trie is on {trie.device} but decoding runs on {device}; call trie.to(device) first")
+    device = trie.device
     n_rows = batch_size * beam_size
     # Only beam 0 starts live: all beams share the root, others would duplicate it.
     score = torch.full((batch_size, beam_size), float("-inf"), device=device)
@@ -182,8 +171,6 @@ def constrained_beam_search(
         code = (pick % trie.K).view(-1)
         node, item, done = _advance(trie, t, node[src], item[src], done[src], code, score)
         prefix = torch.cat([prefix[src], code.unsqueeze(1)], dim=1)
-        if reorder_fn is not None:
-            reorder_fn(src)
     alive = done & torch.isfinite(score)
     item = torch.where(alive, item, torch.zeros_like(item))
     score = torch.where(alive, score, torch.full_like(score, float("-inf")))

@@ -18,9 +18,9 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 from torch import nn
 
+from recbole_prorec.data import UNICODE_FIELD, embedding_files
 from recbole_prorec.decoding import CodeTrie, constrained_beam_search, scores_to_full
 
-UNICODE_FIELD = "unicode"
 
 
 def load_codes(dataset, field: str, data_file: str) -> torch.Tensor:
@@ -48,7 +48,7 @@ def load_codes(dataset, field: str, data_file: str) -> torch.Tensor:
 def load_integrated(dataset, data_dir: Path) -> torch.Tensor:
     """Stage-I integrated embeddings aligned to the dataset's internal item ids (row 0 zeros)."""
     name = dataset.dataset_name
-    emb_file, items_file = data_dir / f"{name}.emb.npy", data_dir / f"{name}.emb_items.txt"
+    emb_file, items_file = embedding_files(data_dir, name)
     if not emb_file.is_file() or not items_file.is_file():
         raise FileNotFoundError(f"IKD needs Stage I's embeddings {emb_file} and {items_file} (or ikd_weight: 0)")
     emb = np.load(emb_file)

@@ -8,7 +8,6 @@ Three quantizers share the ``Codes`` result:
 """
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections import Counter, defaultdict

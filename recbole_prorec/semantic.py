@@ -7,7 +7,6 @@ for decoder-only models.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import html
 import json
@@ -36,15 +35,13 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def read_item_table(item_file: Path, id_field: str = "item_id") -> pd.DataFrame:
     """Read a RecBole atomic ``.item`` file with every column as a raw string.
 
-    Headers look like ``title:token_seq``; columns are renamed to the bare field name.
-    Quoting is disabled so quote characters in titles are kept verbatim, never parsed.
+    Headers look like ``title:token_seq``; columns are renamed to the bare field name. Parsed as
+    RecBole parses it (python engine, CSV quoting), so a quoted field reads the same in both.
     """
     item_file = Path(item_file)
     if not item_file.is_file():
         raise FileNotFoundError(f"Item file not found: {item_file}")
-    table = pd.read_csv(
-        item_file, sep="\t", dtype=str, keep_default_na=False, quoting=csv.QUOTE_NONE
-    )
+    table = pd.read_csv(item_file, sep="\t", dtype=str, keep_default_na=False, engine="python")
     table.columns = [str(col).split(":", 1)[0] for col in table.columns]
     if id_field not in table.columns:
         raise ValueError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from logging import getLogger
@@ -26,12 +27,11 @@ from sklearn.decomposition import PCA
 
 from recbole_prorec.alignment import PRORecDIN, load_semantic
 from recbole_prorec.config import ModelSpec, ProjectConfig, plain_config
-from recbole_prorec.data import check_columns, read_header
+from recbole_prorec.data import UNICODE_FIELD, check_columns, embedding_files, read_header
 from recbole_prorec.logs import start_log
 from recbole_prorec.quantize import Codes, quantize
 from recbole_prorec.trainer import SafeTrainer
 
-UNICODE_FIELD = "unicode"
 FUSIONS = ("prorec", "collab_only", "semantic_only", "concat")
 # Keys that cannot change Stage I's output: where files go, logging, devices, evaluation batching.
 IGNORED_KEYS = {
@@ -156,10 +156,7 @@ def write_unicode_dataset(
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dataset}-", dir=target.parent))
     try:
-        shutil.copyfile(source / f"{dataset}.inter", tmp / f"{dataset}.inter")
-        write_item_file(source / f"{dataset}.item", tmp / f"{dataset}.item", tokens, codes.to_strings(), id_field)
-        np.save(tmp / f"{dataset}.emb.npy", emb)
-        (tmp / f"{dataset}.emb_items.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
+        write_unicode_files(source, tmp, dataset, tokens, codes, emb, id_field)
         (tmp / "stage1.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
         if target.exists():
             old = target.with_name(f".{target.name}.old")
@@ -173,6 +170,17 @@ def write_unicode_dataset(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_unicode_files(
+    source: Path, target: Path, dataset: str, tokens: list[str], codes: Codes, emb: np.ndarray, id_field: str,
+) -> None:
+    """The dataset's files in ``target``: its ``.inter``, its ``.item`` with codes, the embeddings."""
+    shutil.copyfile(source / f"{dataset}.inter", target / f"{dataset}.inter")
+    write_item_file(source / f"{dataset}.item", target / f"{dataset}.item", tokens, codes.to_strings(), id_field)
+    emb_file, items_file = embedding_files(target, dataset)
+    np.save(emb_file, emb.astype(np.float32, copy=False))
+    items_file.write_text("\n".join(tokens) + "\n", encoding="utf-8")
+
+
 def write_item_file(source: Path, target: Path, tokens: list[str], codes: list[str], id_field: str) -> None:
     """Copy ``source`` line by line adding a ``unicode`` column; items missing from it get a row."""
     code_of = dict(zip(tokens, codes))
@@ -182,7 +190,9 @@ def write_item_file(source: Path, target: Path, tokens: list[str], codes: list[s
             raise ValueError(f"{source} has no '{id_field}' column")
         if UNICODE_FIELD in header:
             raise ValueError(f"{source} already has a '{UNICODE_FIELD}' column")
-        lines = source.read_text(encoding="utf-8").splitlines()
+        # lines as RecBole's pandas sees them: blank ones skipped, and no split at \x0c, \u2028, ...
+        # (str.splitlines would split there and shift codes into the wrong rows)
+        lines = [line for line in re.split(r"\r\n|\n|\r", source.read_text(encoding="utf-8")) if line]
     else:  # a dataset without item features still gets codes
         header, lines = [id_field], [f"{id_field}:token"]
     col = header.index(id_field)

@@ -28,7 +28,8 @@ def item_file(tmp_path: Path) -> Path:
         + "i1\tRed Lipstick\tAcme\tBeauty Skin_Care\t9.5\n"
         + "i2\tSoap &amp; Gel\t\tBath\t\n"
         + "i3\t\t\t\t3.0\n"
-        + 'i4\tBig "Pro" Stove\tCampCo\t\t\n',
+        + 'i4\tBig "Pro" Stove\tCampCo\t\t\n'
+        + 'i5\t"""Quoted"" start"\t\t\t\n',  # as convert writes a title starting with '"'
         encoding="utf-8",
     )
     return path
@@ -43,7 +44,8 @@ def test_read_item_table(item_file):
     table = read_item_table(item_file)
     assert list(table.columns) == ["item_id", "title", "brand", "categories", "price"]
     assert table.loc[2, "title"] == "" and table.loc[3, "title"] == 'Big "Pro" Stove'
-    assert table["price"].tolist() == ["9.5", "", "3.0", ""]
+    assert table.loc[4, "title"] == '"Quoted" start'  # what RecBole reads too
+    assert table["price"].tolist() == ["9.5", "", "3.0", "", ""]
 
 
 def test_read_item_table_errors(tmp_path, item_file):
@@ -149,15 +151,15 @@ def test_item_semantic_embeddings(item_file, tmp_path):
                                    cache_dir=tmp_path / "cache")
     assert emb.shape == (4, 384)
     np.testing.assert_allclose(emb[0], emb[3], atol=1e-6)  # both empty: the placeholder text
-    # a precomputed file has one row per .item row (i1..i4), picked here for the tokens asked
+    # a precomputed file has one row per .item row (i1..i5), picked here for the tokens asked
     path = tmp_path / "pre.npy"
-    rows = np.arange(4 * 3, dtype=np.float32).reshape(4, 3)
+    rows = np.arange(5 * 3, dtype=np.float32).reshape(5, 3)
     np.save(path, rows)
     from_file = item_semantic_embeddings(item_file, ["i3", "i1"], columns=["nonexistent"],
                                          embedding_file=path)
     np.testing.assert_array_equal(from_file, rows[[2, 0]])
     with pytest.raises(ValueError, match="pre.npy.*lack items \\['zz'\\]"):
         item_semantic_embeddings(item_file, ["i1", "zz"], columns=["title"], embedding_file=path)
-    np.save(path, rows[:3])
-    with pytest.raises(ValueError, match="pre.npy has 3 rows, expected 4"):
+    np.save(path, rows[:4])
+    with pytest.raises(ValueError, match="pre.npy has 4 rows, expected 5"):
         item_semantic_embeddings(item_file, ["i1"], columns=["title"], embedding_file=path)

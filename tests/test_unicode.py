@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from recbole.utils import FeatureType
@@ -298,3 +299,15 @@ def test_source_that_already_has_unicodes_is_refused(stage1_folder, tiny_overrid
         build_unicodes(DATASET, [], overrides)
     assert snapshot(stage1_folder) == before
     assert not list((tmp_path / "unicode").rglob("stage1.json"))
+
+
+def test_item_file_lines_split_as_recbole_reads_them(tmp_path):
+    """A form feed or line separator inside a title, CRLF line ends and a blank line keep each
+    code on its item's row, as RecBole's pandas reader sees the rows."""
+    from recbole_prorec.unicode import write_item_file
+
+    source, target = tmp_path / "s.item", tmp_path / "t.item"
+    source.write_bytes("item_id:token\ttitle:token_seq\r\na\tone\x0cpage\r\n\r\nb\tline\u2028sep\r\n".encode())
+    write_item_file(source, target, ["a", "b", "c"], ["1 2", "3 4", "5 6"], "item_id")
+    table = pd.read_csv(target, sep="\t", dtype=str, keep_default_na=False, engine="python")
+    assert table.values.tolist() == [["a", "one\x0cpage", "1 2"], ["b", "line\u2028sep", "3 4"], ["c", "", "5 6"]]
