@@ -10,7 +10,8 @@ from recbole.utils import InputType
 class SASRecBCE(SASRec):
     """SASRec trained with its own paper's loss, as in the PRORec paper's SASRec row.
 
-    Binary cross-entropy on the next item against one sampled negative per position:
+    Binary cross-entropy on the next item against one sampled negative per training example
+    (RecBole trains on every prefix of a sequence, as the paper's loss sums over positions):
     ``-log sigmoid(s_pos) - log(1 - sigmoid(s_neg))``. RecBole's SASRec offers only softmax (CE)
     and pairwise BPR (``-log sigmoid(s_pos - s_neg)``), which are different objectives.
     """

@@ -33,6 +33,8 @@ OWN_MODELS = {
 }
 # YAML files of our models: PRORec also reads Stage I's keys, since it runs Stage I first;
 # SASRecBCE starts from RecBole's SASRec defaults, which RecBole looks up by class name only.
+# Keys the runner sets itself (DDP), which have no YAML default.
+RUNNER_KEYS = ("local_rank", "world_size", "nproc", "offset", "ip", "port")
 # Dict-valued keys merged key by key across layers rather than replaced (``--stage1="{'epochs': 5}"``).
 MERGED_BLOCKS = ("stage1",)
 MODEL_YAML = {
@@ -175,6 +177,11 @@ class ProjectConfig(Config):
         """Keys with a documented default (RecBole's or one of our YAML files), not stray extras."""
         return set(self.internal_config_dict) | set(self._project_defaults)
 
+    def unknown_keys(self) -> list[str]:
+        """Keys the user gave (files, command line) that no default documents: likely misspelt."""
+        given = {k for f in self._user_files for k in load_yaml(f)} | set(self.cmd_config_dict)
+        return sorted(given - self.known_keys - set(RUNNER_KEYS))
+
     def _load_variable_config_dict(self, config_dict: dict) -> dict:
         # the variant's and the user files' values are typed YAML; RecBole would eval() their strings
         return dict(config_dict or {})
@@ -194,9 +201,9 @@ class ProjectConfig(Config):
         if "train_neg_sample_args" not in self.external_config_dict and cfg.get("loss_type") != "BPR":
             cfg["train_neg_sample_args"] = None
         extra = getattr(self.model_class, "item_columns", ())
-        if extra:
+        if extra and cfg.get("load_col") is not None:  # None: RecBole loads every column anyway
             # a new dict: the one in cfg may be the caller's own override, which must stay as given
-            load_col = dict(cfg.get("load_col") or {})
+            load_col = dict(cfg["load_col"])
             load_col["item"] = list(dict.fromkeys([cfg["ITEM_ID_FIELD"], *load_col.get("item", []), *extra]))
             cfg["load_col"] = load_col
         super()._set_default_parameters()

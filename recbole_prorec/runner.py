@@ -83,6 +83,9 @@ def run(
     start_log(config)
     logger = getLogger()
     logger.info(config)
+    for key in config.unknown_keys():
+        logger.warning(f"config key '{key}' has no default in RecBole or properties/ and may be misspelt; "
+                       f"{spec.name} ignores it unless it reads it by that name")
     check_columns(Path(config["data_path"]).parent, dataset, config["load_col"])
     data = create_dataset(config)
     logger.info(data)
@@ -142,7 +145,11 @@ def _ddp_worker(rank: int, args: tuple, queue) -> None:
 
 
 def run_distributed(label, dataset, config_files, overrides, stage, nproc: int):
-    """RecBole's multi-process DDP (gloo on CPU, NCCL on GPU); rank 0's result is returned."""
+    """RecBole's multi-process DDP (gloo on CPU, NCCL on GPU); rank 0's result is returned.
+    PRORec's Stage I runs here first, in one process; the workers then find its output."""
+    folder = prepare_data(resolve_model(label), dataset, config_files, overrides)
+    if stage == "unicode":
+        return folder
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -26,7 +26,7 @@ from recbole.utils import init_seed
 from sklearn.decomposition import PCA
 
 from recbole_prorec.alignment import PRORecDIN, load_semantic
-from recbole_prorec.config import ModelSpec, ProjectConfig, plain_config
+from recbole_prorec.config import RUNNER_KEYS, ModelSpec, ProjectConfig, plain_config
 from recbole_prorec.data import UNICODE_FIELD, check_columns, embedding_files, read_header
 from recbole_prorec.logs import start_log
 from recbole_prorec.quantize import Codes, quantize
@@ -45,7 +45,9 @@ IGNORED_KEYS = {
 
 def stage1_config(dataset: str, config_files: Sequence[str], overrides: Mapping[str, Any]) -> ProjectConfig:
     """Config of the Stage-I DIN: shared keys, then the ``stage1`` training block on top (whose
-    ``train_time_budget`` replaces the run's, which is Stage II's)."""
+    ``train_time_budget`` replaces the run's, which is Stage II's). Stage I is one process: the
+    runner trains it before starting Stage II's DDP workers, so their DDP keys are dropped."""
+    overrides = {k: v for k, v in overrides.items() if k not in RUNNER_KEYS}
     spec = ModelSpec("PRORecDIN", PRORecDIN)
     probe = ProjectConfig(spec, dataset, config_files, overrides)
     return ProjectConfig(spec, dataset, config_files, {**overrides, **(probe["stage1"] or {})})

@@ -37,6 +37,8 @@ def test_dataset_yaml_overrides_model_defaults():
     config = ProjectConfig(resolve_model("PRORec"), "ml-100k")
     assert config["text_columns"] == ["movie_title", "release_year", "class"]
     assert "unicode" in config["load_col"]["item"]  # PRORec asks RecBole to load its codes
+    everything = ProjectConfig(resolve_model("PRORec"), "ml-100k", overrides={"load_col": None})
+    assert everything["load_col"] is None  # RecBole then loads every column, the codes among them
     assert config["n_decoder_layers"] == 4 and config["codebook_size"] == 256
 
 
@@ -155,4 +157,14 @@ def test_stage1_block_is_amended_key_by_key(tmp_path):
     mine.write_text("stage1: {train_batch_size: 64}\n", encoding="utf-8")
     config = ProjectConfig(resolve_model("PRORec"), "ml-100k", [mine], {"stage1": "{'epochs': 5}"})
     # epochs from the command line, batch size from the file, the rest from the dataset's YAML
-    assert config["stage1"] == {"epochs": 5, "train_batch_size": 64, "learning_rate": 0.005, "eval_step": 0}
+    assert config["stage1"] == {"epochs": 5, "train_batch_size": 64, "learning_rate": 0.005, "eval_step": 0,
+                                "train_time_budget": 0.0}
+
+
+def test_misspelt_keys_are_reported(tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("beam_szie: 30\nikd_weight: 0.5\n", encoding="utf-8")
+    config = ProjectConfig(resolve_model("PRORec"), "ml-100k", [mine], {"ikd_wieght": 0, "hidden_size": 64})
+    assert config.unknown_keys() == ["beam_szie", "ikd_wieght"]
+    documented = {"n_layers": 1, "gpu_id": "", "show_progress": False, "train_time_budget": 60}
+    assert ProjectConfig(resolve_model("SASRec"), "ml-100k", overrides=documented).unknown_keys() == []

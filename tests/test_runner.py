@@ -145,3 +145,13 @@ def test_prorec_logs_stage1_and_stage2_to_their_own_files(tiny_overrides, tmp_pa
     (gen_log,) = (tmp_path / "log" / "PRORec").glob("*.log")
     assert "Stage I" in din_log.read_text() and "PRORec(" not in din_log.read_text()
     assert "PRORec(" in gen_log.read_text() and "Stage I" not in gen_log.read_text()
+
+
+def test_ddp_prorec_trains_stage1_once_then_stage2_on_two_processes(tiny_overrides, tmp_path):
+    """Stage I runs in the parent; each worker reuses it and only Stage II joins the process group."""
+    from recbole_prorec.runner import run_distributed
+
+    overrides = tiny_overrides(unicode_dir=str(tmp_path / "unicode"), checkpoint_dir=str(tmp_path / "saved"))
+    result = run_distributed("PRORec", "tiny", [], overrides, "all", 2)
+    assert len(list((tmp_path / "unicode").glob("tiny-*/tiny/stage1.json"))) == 1
+    assert result.label == "PRORec" and result.epochs_run == 1 and 0.0 < result.test["recall@20"] <= 1.0
