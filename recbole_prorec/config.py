@@ -3,8 +3,9 @@
 Layers, lowest priority first: RecBole's internal defaults, ``properties/overall.yaml``
 (the paper's protocol), ``properties/model/<model>.yaml``, ``properties/dataset/<dataset>.yaml``,
 the named variant in ``properties/variants.yaml``, the user's ``--config_files``, then
-``--key=value`` overrides. The ``stage1`` block is merged key by key, not replaced. The dataset folder is resolved by us (``data.find_dataset``) rather
-than by RecBole, which would force ``ml-100k`` to its bundled copy and prompt for downloads.
+``--key=value`` overrides. The ``stage1`` block is merged key by key, not replaced. The dataset
+folder is resolved by us (``data.find_dataset``) rather than by RecBole, which would force
+``ml-100k`` to its bundled copy and prompt for downloads.
 """
 from __future__ import annotations
 
@@ -31,12 +32,12 @@ OWN_MODELS = {
     "PRORecDIN": "recbole_prorec.alignment:PRORecDIN",
     "SASRecBCE": "recbole_prorec.baselines:SASRecBCE",
 }
-# YAML files of our models: PRORec also reads Stage I's keys, since it runs Stage I first;
-# SASRecBCE starts from RecBole's SASRec defaults, which RecBole looks up by class name only.
 # Keys the runner sets itself (DDP), which have no YAML default.
 RUNNER_KEYS = ("local_rank", "world_size", "nproc", "offset", "ip", "port")
 # Dict-valued keys merged key by key across layers rather than replaced (``--stage1="{'epochs': 5}"``).
 MERGED_BLOCKS = ("stage1",)
+# YAML files of our models: PRORec also reads Stage I's keys, since it runs Stage I first;
+# SASRecBCE starts from RecBole's SASRec defaults, which RecBole looks up by class name only.
 MODEL_YAML = {
     "PRORec": [PROPERTIES / "model" / "PRORecDIN.yaml", PROPERTIES / "model" / "PRORec.yaml"],
     "SASRecBCE": [RECBOLE_PROPERTIES / "model" / "SASRec.yaml", PROPERTIES / "model" / "SASRecBCE.yaml"],
