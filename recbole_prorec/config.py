@@ -153,7 +153,11 @@ class ProjectConfig(Config):
         config_files: Iterable[str | Path] = (),
         overrides: Mapping[str, Any] | None = None,
         data_folder: Path | None = None,
+        apply_block: str | None = None,
     ):
+        """``apply_block`` (one of ``MERGED_BLOCKS``) lays that block's keys over every layer,
+        as Stage I does with ``stage1``."""
+        self._apply_block = apply_block
         self._cli_overrides = dict(overrides or {})
         self._data_folder = data_folder
         self._user_files = [Path(f) for f in config_files]
@@ -164,7 +168,8 @@ class ProjectConfig(Config):
         project = [load_yaml(f) for f in files]
         self._project_defaults = {k: v for layer in project for k, v in layer.items()}
         # the variant sits between the project's files and the user's: --config_files may amend it
-        self._layers = [*project, dict(spec.overrides), *(load_yaml(f) for f in self._user_files)]
+        self._user_layers = {str(f): load_yaml(f) for f in self._user_files}  # read once
+        self._layers = [*project, dict(spec.overrides), *self._user_layers.values()]
         super().__init__(
             model=spec.model_class,
             dataset=dataset,
@@ -180,7 +185,7 @@ class ProjectConfig(Config):
 
     def unknown_keys(self) -> list[str]:
         """Keys the user gave (files, command line) that no default documents: likely misspelt."""
-        given = {k for f in self._user_files for k in load_yaml(f)} | set(self.cmd_config_dict)
+        given = {k for layer in self._user_layers.values() for k in layer} | set(self.cmd_config_dict)
         return sorted(given - self.known_keys - set(RUNNER_KEYS))
 
     def _load_variable_config_dict(self, config_dict: dict) -> dict:
@@ -192,12 +197,14 @@ class ProjectConfig(Config):
         return self._convert_config_dict(dict(self._cli_overrides))
 
     def _set_default_parameters(self) -> None:
-        self._check_user_types()
         cfg = self.final_config_dict
         for key in MERGED_BLOCKS:  # a later layer amends these blocks key by key
             blocks = [layer.get(key) for layer in (*self._layers, self.cmd_config_dict)]
             if any(isinstance(b, dict) for b in blocks):
                 cfg[key] = {k: v for b in blocks if isinstance(b, dict) for k, v in b.items()}
+        self._check_user_types()
+        if self._apply_block:
+            cfg.update(cfg.get(self._apply_block) or {})
         # CE-trained sequential models need no sampled negatives; RecBole errors unless told so.
         if "train_neg_sample_args" not in self.external_config_dict and cfg.get("loss_type") != "BPR":
             cfg["train_neg_sample_args"] = None
@@ -217,9 +224,11 @@ class ProjectConfig(Config):
     def _check_user_types(self) -> None:
         defaults = dict(self.internal_config_dict)
         defaults.update(self._project_defaults)
-        for f in self._user_files:
-            check_types(defaults, load_yaml(f), str(f))
+        for source, layer in self._user_layers.items():
+            check_types(defaults, layer, source)
         check_types(defaults, self.cmd_config_dict, "the command line")
+        if self._apply_block:
+            check_types(defaults, self.final_config_dict.get(self._apply_block) or {}, f"'{self._apply_block}'")
 
     def _init_device(self) -> None:
         # RecBole's DDP hard-codes NCCL and CUDA; on a CPU-only machine use gloo instead.

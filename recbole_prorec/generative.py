@@ -22,7 +22,6 @@ from recbole_prorec.data import UNICODE_FIELD, embedding_files
 from recbole_prorec.decoding import CodeTrie, constrained_beam_search, scores_to_full
 
 
-
 def load_codes(dataset, field: str, data_file: str) -> torch.Tensor:
     """Codes [n_items, max_len] (-1 padded) from the dataset's ``unicode`` token_seq feature."""
     if field not in dataset.field2type:

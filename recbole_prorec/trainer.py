@@ -138,10 +138,11 @@ class SafeTrainer(Trainer):
     def _load_state(self, checkpoint: dict[str, Any]) -> None:
         # PRORec's weights fit any dataset's codes of the same depth, so shapes alone prove nothing:
         # the data folder's last two parts name the dataset and, for PRORec, its Stage-I output
-        saved, now = checkpoint["config"], plain_config(self.config)
+        saved = checkpoint["config"]
         for key, part in (("model", str), ("dataset", str), ("data_path", lambda p: Path(p).parts[-2:])):
-            if saved.get(key) is None or part(saved[key]) != part(now[key]):
-                raise ValueError(f"checkpoint was trained with {key}={saved.get(key)!r}, this run has {key}={now[key]!r}")
+            if saved.get(key) is None or part(saved[key]) != part(self.config[key]):
+                raise ValueError(f"checkpoint was trained with {key}={saved.get(key)!r}, "
+                                 f"this run has {key}={self.config[key]!r}")
         self.model.load_state_dict(checkpoint["state_dict"])
         self.model.load_other_parameter(checkpoint.get("other_parameter"))
 

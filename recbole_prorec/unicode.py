@@ -48,9 +48,7 @@ def stage1_config(dataset: str, config_files: Sequence[str], overrides: Mapping[
     ``train_time_budget`` replaces the run's, which is Stage II's). Stage I is one process: the
     runner trains it before starting Stage II's DDP workers, so their DDP keys are dropped."""
     overrides = {k: v for k, v in overrides.items() if k not in RUNNER_KEYS}
-    spec = ModelSpec("PRORecDIN", PRORecDIN)
-    probe = ProjectConfig(spec, dataset, config_files, overrides)
-    return ProjectConfig(spec, dataset, config_files, {**overrides, **(probe["stage1"] or {})})
+    return ProjectConfig(ModelSpec("PRORecDIN", PRORecDIN), dataset, config_files, overrides, apply_block="stage1")
 
 
 def stage1_key(config: ProjectConfig) -> str:

@@ -311,3 +311,8 @@ def test_item_file_lines_split_as_recbole_reads_them(tmp_path):
     write_item_file(source, target, ["a", "b", "c"], ["1 2", "3 4", "5 6"], "item_id")
     table = pd.read_csv(target, sep="\t", dtype=str, keep_default_na=False, engine="python")
     assert table.values.tolist() == [["a", "one\x0cpage", "1 2"], ["b", "line\u2028sep", "3 4"], ["c", "", "5 6"]]
+
+
+def test_stage1_block_values_are_type_checked(tiny_overrides):
+    with pytest.raises(ValueError, match="config key 'epochs' from 'stage1' must be int"):
+        stage1_config(DATASET, [], tiny_overrides(stage1={"epochs": "many"}))
