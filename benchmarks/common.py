@@ -378,3 +378,65 @@ def sequential_batch(model, n: int, device: torch.device | str, seed: int = 0, w
         gen = torch.Generator().manual_seed(seed + 1)
         data[model.POS_ITEM_ID] = torch.randint(1, model.n_items, (n,), generator=gen).to(device)
     return Interaction(data)
+
+
+# --------------------------------------------------------------------------- runs through the runner
+
+# Quick mode: the 305 ml-100k users with at most 40 ratings (~8k interactions after RecBole's
+# 5-core item filter), tiny models, one epoch each, and PRORec's Stage I cut to one epoch.
+QUICK = {
+    "user_inter_num_interval": "[20,41)",  # not "[20,40]": RecBole eval()s that into a list
+    "epochs": 1,
+    "train_time_budget": 20,
+    "hidden_size": 32,
+    "inner_size": 64,
+    "n_heads": 2,
+    "n_layers": 1,
+    "n_encoder_layers": 1,
+    "n_decoder_layers": 1,
+    "warmup_steps": 10,
+    "stage1": {"epochs": 1, "train_batch_size": 256, "learning_rate": 0.005, "eval_step": 0},
+}
+
+
+def parse_value(text: str) -> Any:
+    """``--set key=value`` values: YAML scalars/lists/dicts (``32``, ``[1,2]``, ``{a: 1}``)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments shared by the scripts that train models through ``recbole_prorec.runner.run``."""
+    parser.add_argument("--config_files", default="", help="comma-separated YAML files for every model")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config override for every model (repeatable), e.g. --set hidden_size=64")
+    parser.add_argument("--log-level", default=None, help="RecBole log level (default info; quick warning)")
+
+
+def run_overrides(args: argparse.Namespace, parser: argparse.ArgumentParser, device: torch.device):
+    """Config overrides for every run: quiet progress, the device, quick mode's tiny settings
+    (with a temporary folder for all outputs, returned so the caller can clean it up) and ``--set``."""
+    import tempfile
+
+    level = args.log_level or ("warning" if args.quick else "info")
+    overrides: dict[str, Any] = {"show_progress": False, "state": level}
+    if device.type == "cpu":
+        overrides["gpu_id"] = ""  # RecBole 1.2.1 picks CUDA whenever gpu_id is set and a GPU exists
+    tmp = tempfile.TemporaryDirectory(prefix="prorec-bench-") if args.quick else None
+    if args.quick:
+        overrides.update(QUICK)
+        # a fresh Stage I and no files left behind in saved/
+        overrides.update(unicode_dir=f"{tmp.name}/unicode", checkpoint_dir=f"{tmp.name}/saved",
+                         semantic_cache_dir=f"{tmp.name}/semantic_cache")
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key] = parse_value(value)
+    return overrides, tmp

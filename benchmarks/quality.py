@@ -16,44 +16,18 @@ from __future__ import annotations
 
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Report, base_parser, fmt, markdown_table, setup  # noqa: E402
+from common import Report, add_run_arguments, base_parser, fmt, markdown_table, run_overrides, setup  # noqa: E402
 
 DEFAULT_MODELS = "SASRec-CE,SASRec-BCE,GRU4Rec,BERT4Rec,TIGER,PRORec"
 REFERENCE = "SASRec-CE"
 # overrides that do not change results, left out of the table's caption
 HIDDEN_KEYS = ("show_progress", "state", "gpu_id", "unicode_dir", "checkpoint_dir", "semantic_cache_dir")
 METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
-# Quick mode: the 305 ml-100k users with at most 40 ratings (~8k interactions after RecBole's
-# 5-core item filter), tiny models, one epoch each, and PRORec's Stage I cut to one epoch.
-QUICK = {
-    "user_inter_num_interval": "[20,41)",  # not "[20,40]": RecBole eval()s that into a list
-    "epochs": 1,
-    "train_time_budget": 20,
-    "hidden_size": 32,
-    "inner_size": 64,
-    "n_heads": 2,
-    "n_layers": 1,
-    "n_encoder_layers": 1,
-    "n_decoder_layers": 1,
-    "warmup_steps": 10,
-    "stage1": {"epochs": 1, "train_batch_size": 256, "learning_rate": 0.005, "eval_step": 0},
-}
-
-
-def parse_value(text: str) -> Any:
-    """``--set key=value`` values: YAML scalars/lists/dicts (``32``, ``[1,2]``, ``{a: 1}``)."""
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
 
 
 def mean_std(values: Sequence[float], digits: int = 4) -> str:
@@ -95,10 +69,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="training seconds per model and seed (train_time_budget)")
     parser.add_argument("--epochs", type=int, default=None, help="epoch cap per model and seed")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 2020,2021; quick 2020)")
-    parser.add_argument("--config_files", default="", help="comma-separated YAML files for every model")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra config override for every model (repeatable), e.g. --set hidden_size=64")
-    parser.add_argument("--log-level", default=None, help="RecBole log level (default info; quick warning)")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     device = setup(args)
     report = Report("Quality at equal budget", ["benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
@@ -112,25 +83,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         resolve_model(label)
     seeds = [int(s) for s in (args.seeds or ("2020" if args.quick else "2020,2021")).split(",") if s.strip()]
     files = [f for f in args.config_files.split(",") if f]
-    level = args.log_level or ("warning" if args.quick else "info")
-    overrides: dict[str, Any] = {"show_progress": False, "state": level}
-    if device.type == "cpu":
-        overrides["gpu_id"] = ""  # RecBole 1.2.1 picks CUDA whenever gpu_id is set and a GPU exists
-    tmp = tempfile.TemporaryDirectory(prefix="prorec-quality-") if args.quick else None
-    if args.quick:
-        overrides.update(QUICK)
-        # a fresh Stage I and no files left behind in saved/
-        overrides.update(unicode_dir=f"{tmp.name}/unicode", checkpoint_dir=f"{tmp.name}/saved",
-                         semantic_cache_dir=f"{tmp.name}/semantic_cache")
+    overrides, tmp = run_overrides(args, parser, device)
     if args.budget is not None:
         overrides["train_time_budget"] = args.budget
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key] = parse_value(value)
 
     results: dict[str, list] = {}
     try:

@@ -76,6 +76,14 @@ class CodeTrie:
         self.blocked.append(torch.cat([table < 0, finished]))
         self.leaf_item.append(leaf)
 
+    def node_of(self, prefix: Tensor) -> Tensor:
+        """Node [N] reached by each row of ``prefix`` [N, t]; a row that leaves the trie (a finished
+        beam's filler codes) ends at node 0, a valid row index for the next step's tables."""
+        node = torch.zeros(prefix.shape[0], dtype=torch.long, device=prefix.device)
+        for t in range(prefix.shape[1]):
+            node = self.children[t][node, prefix[:, t]].clamp(min=0)
+        return node
+
     def to(self, device: torch.device | str) -> "CodeTrie":
         """Move all tables to ``device`` (in place, returns self like ``nn.Module.to``)."""
         self.children = [c.to(device) for c in self.children]

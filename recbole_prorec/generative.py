@@ -1,14 +1,22 @@
 """PRORec Stage II: Transformer encoder-decoder that generates the next item's unicode.
 
 Loss = L_GR + mu * L_IKD (paper eq. 8). L_GR is the cross-entropy of each code token of the target
-(eq. 6, summed over code positions, padding excluded). L_IKD (eq. 7) contrasts the decoder's final
+(eq. 6, summed over code positions, padding excluded), reported per level (``gen_l1``, ...). L_IKD (eq. 7) contrasts the decoder's final
 state at a learnable [IKD] token appended after the code tokens with the target's Stage-I integrated
 embedding (positive) and ``ikd_negatives`` other items' embeddings (negatives).
 Inference is a beam search constrained to real codes; ``full_sort_predict`` returns the beam scores
 of the decoded items and -inf elsewhere, so RecBole's own metrics apply unchanged.
+
+``last_code_token`` chooses what the last code position of an item is. ``shared``: a level token
+(the item's rank in its k-means leaf cluster) shared by every item with that rank, scored by one
+K-way head per level. ``item``: a token of the item's own, as in EAGER, tied between the encoder
+input, the decoder input and the output scores, where each step is a softmax over the children of
+the generated prefix only (the items of the chosen cluster), so item identity has parameters of
+its own instead of being memorised in the shared decoder weights.
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -172,8 +180,8 @@ class PRORec(SequentialRecommender):
     """Generative recommender over Stage-I unicodes with intra-modality knowledge distillation."""
 
     input_type = InputType.POINTWISE
-    loss_names = ("gen", "ikd")
     item_columns = (UNICODE_FIELD,)
+    LAST_CODE_TOKENS = ("item", "shared")
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -190,9 +198,17 @@ class PRORec(SequentialRecommender):
             raise ValueError(f"{data_file}: code {int(codes.max())} >= codebook_size {self.K}")
         self.register_buffer("codes", codes, persistent=False)
         self.code_len = codes.shape[1]
+        self.loss_names = (*(f"gen_l{level + 1}" for level in range(self.code_len)), "ikd")
         self.trie = CodeTrie(codes, self.K)  # validates uniqueness and prefix-freeness
         self.bos, self.ikd_token = 1 + self.code_len * self.K, 2 + self.code_len * self.K
-        self.token_embedding = nn.Embedding(self.ikd_token + 1, self.hidden, padding_idx=0)
+        self.item_level = config["last_code_token"] == "item"
+        self.item_offset = self.ikd_token + 1  # item i's own token is item_offset + i (item mode)
+        vocab = self.item_offset + (self.n_items if self.item_level else 0)
+        self.token_embedding = nn.Embedding(vocab, self.hidden, padding_idx=0)
+        self.register_buffer("item_tokens", self._item_tokens(codes), persistent=False)
+        self.register_buffer("item_nodes", self._item_nodes(codes), persistent=False)
+        self.child_items = [self._child_items(level) for level in range(self.code_len)]
+        self.item_bias = nn.Parameter(torch.zeros(self.n_items)) if self.item_level else None
         self.item_position = nn.Embedding(self.max_seq_length, self.hidden)
         self.decoder_position = nn.Embedding(self.code_len + 2, self.hidden)
         sizes = (self.hidden, config["n_heads"], config["inner_size"], config["dropout_prob"], config["attn_dropout_prob"])
@@ -206,9 +222,12 @@ class PRORec(SequentialRecommender):
             integrated = load_integrated(dataset, Path(config["data_path"]))
             self.register_buffer("integrated", integrated, persistent=False)
             self.ikd_proj = nn.Linear(self.hidden, integrated.shape[1])
+        self.beam_stats: Counter = Counter()
         self.apply(self._init_weights)
 
     def _check(self, config) -> None:
+        if config["last_code_token"] not in self.LAST_CODE_TOKENS:
+            raise ValueError(f"last_code_token must be one of {self.LAST_CODE_TOKENS}, got {config['last_code_token']!r}")
         if self.hidden % config["n_heads"]:
             raise ValueError(f"hidden_size {self.hidden} is not divisible by n_heads {config['n_heads']}")
         if self.beam_size < max(config["topk"]):
@@ -224,15 +243,47 @@ class PRORec(SequentialRecommender):
             nn.init.zeros_(module.bias)
 
     def code_tokens(self, codes: torch.Tensor) -> torch.Tensor:
-        """Code values [..., L] -> token ids (level-specific vocabulary; -1 -> padding 0)."""
+        """Code values [..., L] -> level token ids (level-specific vocabulary; -1 -> padding 0)."""
         offsets = 1 + self.K * torch.arange(codes.shape[-1], device=codes.device)
         return torch.where(codes >= 0, codes + offsets, torch.zeros_like(codes))
+
+    def _item_tokens(self, codes: torch.Tensor) -> torch.Tensor:
+        """Each item's input tokens [n_items, L]: level tokens, the last one the item's own in item mode."""
+        tokens = self.code_tokens(codes)
+        if self.item_level:
+            last = (codes >= 0).sum(1) - 1
+            items = torch.arange(len(codes))
+            tokens[items[1:], last[1:]] = self.item_offset + items[1:]
+        return tokens
+
+    def _item_nodes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Trie node [n_items, L] whose children position t of each item's code chooses among."""
+        nodes = torch.zeros_like(codes)
+        node = torch.zeros(len(codes), dtype=torch.long)
+        for t in range(self.code_len):
+            nodes[:, t] = node
+            node = self.trie.children[t][node, codes[:, t].clamp(min=0)].clamp(min=0)
+        return nodes
+
+    def _child_items(self, level: int) -> torch.Tensor | None:
+        """[n_nodes, K]: the item a child completes (-2: no child, -1: inner node); None in shared mode."""
+        if not self.item_level:
+            return None
+        children = self.trie.children[level]
+        leaf = self.trie.leaf_item[level + 1][children.clamp(min=0)]
+        return torch.where(children >= 0, leaf, torch.full_like(leaf, -2))
+
+    def _apply(self, fn, recurse=True):
+        # the per-level child tables are plain tensors (a list), moved along with the buffers
+        super()._apply(fn, recurse)
+        self.child_items = [c if c is None else fn(c) for c in self.child_items]
+        return self
 
     def encode(self, interaction) -> tuple[list[torch.Tensor], torch.Tensor]:
         """User history as unicode tokens -> each decoder layer's cross-attention keys/values
         [B, N', 2H] and their mask [B, 1, 1, N'] (computed once per user, reused by every step)."""
         seq, seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
-        tokens = self.code_tokens(self.codes[seq])  # [B, L, C]
+        tokens = self.item_tokens[seq]  # [B, L, C]
         # position counted from the most recent item, so "last item" has one embedding
         recency = (seq_len[:, None] - 1 - torch.arange(seq.shape[1], device=seq.device)).clamp(min=0)
         real = tokens != 0
@@ -255,12 +306,36 @@ class PRORec(SequentialRecommender):
             x = layer(x, self_mask, kv, memory_mask)
         return self.decoder_norm(x)
 
-    def level_logits(self, states: torch.Tensor, first_level: int = 0) -> torch.Tensor:
-        """Logits [N, T, K] of position t's code at level ``first_level + t``."""
+    def level_logits(self, states: torch.Tensor, nodes: torch.Tensor, first_level: int = 0) -> torch.Tensor:
+        """Logits [N, T, K] of position t's code at level ``first_level + t``, the prefix being at
+        trie node ``nodes`` [N, T]. Shared mode: the level's K-way head. Item mode: a child that
+        completes an item is scored by that item's own token, a missing child gets no probability."""
         T = states.shape[1]
         weight = self.head.weight.view(self.code_len, self.K, self.hidden)[first_level : first_level + T]
         bias = self.head.bias.view(self.code_len, self.K)[first_level : first_level + T]
-        return torch.einsum("nth,tkh->ntk", states, weight) + bias
+        logits = torch.einsum("nth,tkh->ntk", states, weight) + bias
+        if not self.item_level:
+            return logits
+        levels = []
+        for t in range(T):
+            items = self.child_items[first_level + t][nodes[:, t]]  # [N, K]
+            # most negative finite value, not -inf: a finished beam's node has no children at all,
+            # and its row must not turn into NaN in log_softmax
+            level = logits[:, t].masked_fill(items == -2, torch.finfo(logits.dtype).min)
+            if bool((items >= 0).any()):
+                level = torch.where(items >= 0, self._item_logits(states[:, t], items.clamp(min=0)), level)
+            levels.append(level)
+        return torch.stack(levels, dim=1)
+
+    def _item_logits(self, states: torch.Tensor, items: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+        """states [N, H] . own-token embedding of ``items`` [N, K] + item bias, in chunks of rows:
+        cost grows with K, not with the catalogue, and a beam batch never holds [N, K, H] at once."""
+        table = self.token_embedding.weight[self.item_offset :]
+        out = [
+            torch.einsum("nh,nkh->nk", s, table[i]) + self.item_bias[i]
+            for s, i in zip(states.split(rows), items.split(rows))
+        ]
+        return torch.cat(out)
 
     def teacher_forced(self, interaction, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits [B, C, K] of each code of ``items``, its codes [B, C] and the [IKD] state [B, H]."""
@@ -269,17 +344,18 @@ class PRORec(SequentialRecommender):
         B = len(items)
         bos = torch.full((B, 1), self.bos, device=items.device)
         ikd = torch.full((B, 1), self.ikd_token, device=items.device)
-        tokens = torch.cat([bos, self.code_tokens(codes), ikd], dim=1)
+        tokens = torch.cat([bos, self.item_tokens[items], ikd], dim=1)
         states = self.decode(tokens[:, None], memory, memory_mask)[:, 0]
-        return self.level_logits(states[:, : self.code_len]), codes, states[:, -1]
+        return self.level_logits(states[:, : self.code_len], self.item_nodes[items]), codes, states[:, -1]
 
-    def calculate_loss(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
+    def calculate_loss(self, interaction) -> tuple[torch.Tensor, ...]:
+        """Generation loss per code level (their sum is L_GR; a level an item's code does not
+        reach adds 0 for it), then mu * L_IKD: RecBole sums the tuple, our trainer logs each part."""
         target = interaction[self.POS_ITEM_ID]
         logits, codes, ikd_state = self.teacher_forced(interaction, target)
-        gen = F.cross_entropy(logits.flatten(0, 1), codes.flatten(), ignore_index=-1, reduction="sum") / len(target)
-        if not self.ikd_weight:
-            return gen, torch.zeros((), device=gen.device)
-        return gen, self.ikd_weight * self.ikd_loss(ikd_state, target)
+        gen = F.cross_entropy(logits.transpose(1, 2), codes, ignore_index=-1, reduction="none").sum(0) / len(target)
+        ikd = self.ikd_weight * self.ikd_loss(ikd_state, target) if self.ikd_weight else gen.new_zeros(())
+        return (*gen.unbind(), ikd)
 
     def ikd_loss(self, state: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """-log softmax of sim(h, z_target) against sim(h, z_negative) (cosine / tau)."""
@@ -307,12 +383,30 @@ class PRORec(SequentialRecommender):
         bos = torch.full((B * W, 1), self.bos, device=device)
 
         def step(prefix: torch.Tensor) -> torch.Tensor:
+            # an unfinished beam's prefix holds inner nodes only, whose tokens are level tokens
             tokens = torch.cat([bos, self.code_tokens(prefix)], dim=1).view(B, W, -1)
             last = self.decode(tokens, memory, memory_mask)[:, :, -1].reshape(B * W, 1, -1)
-            return self.level_logits(last, prefix.shape[1])[:, 0].log_softmax(-1)
+            node = self.trie.node_of(prefix)[:, None]
+            return self.level_logits(last, node, prefix.shape[1])[:, 0].log_softmax(-1)
 
         return constrained_beam_search(step, self.trie, B, W)
 
     def full_sort_predict(self, interaction) -> torch.Tensor:
         items, scores = self.beam_search(interaction)
+        if self.ITEM_ID in interaction:  # RecBole's sequential evaluation passes the target along
+            self._count_beam_hits(items, interaction[self.ITEM_ID])
         return scores_to_full(items, scores, self.n_items)
+
+    def _count_beam_hits(self, items: torch.Tensor, target: torch.Tensor) -> None:
+        """Diagnostics: how often the final beam holds the target's first code, and the target."""
+        first = self.codes[items, 0].eq(self.codes[target, 0][:, None]).any(1)
+        stats = self.beam_stats
+        stats["users"] += len(target)
+        stats["first_code_in_beam"] += int(first.sum())
+        stats["item_in_beam"] += int(items.eq(target[:, None]).any(1).sum())
+
+    def pop_eval_stats(self) -> dict[str, float]:
+        """Rates of the beam diagnostics since the last call (the trainer logs them per evaluation)."""
+        stats, self.beam_stats = self.beam_stats, Counter()
+        users = stats.pop("users", 0)
+        return {k: v / users for k, v in stats.items()} if users else {}

@@ -41,6 +41,7 @@ class RunResult:
     train_time: float
     valid: dict = field(default_factory=dict)
     test: dict = field(default_factory=dict)
+    curve: list = field(default_factory=list)  # per validated epoch: losses, metrics, seconds
 
     def row(self) -> str:
         cells = [self.label] + [f"{self.test.get(m, float('nan')):.4f}" for m in TABLE_METRICS]
@@ -69,8 +70,10 @@ def run(
     config_files: Sequence[str] = (),
     overrides: Mapping[str, Any] | None = None,
     stage: str = "all",
+    evaluate_test: bool = True,
 ) -> RunResult | Path:
-    """Train and test one model on one dataset (``stage='unicode'`` stops after PRORec's Stage I)."""
+    """Train and test one model on one dataset (``stage='unicode'`` stops after PRORec's Stage I;
+    ``evaluate_test=False`` leaves the test split unread, for tuning on validation curves)."""
     overrides = dict(overrides or {})
     spec = resolve_model(label)
     folder = prepare_data(spec, dataset, config_files, overrides)
@@ -103,9 +106,10 @@ def run(
         trainer.saved_model_file = config["load_checkpoint"]
     else:
         trainer.fit(train, valid, saved=True, show_progress=show)
-    test_result = trainer.evaluate(test, load_best_model=True, show_progress=show)
+    test_result = trainer.evaluate(test, load_best_model=True, show_progress=show) if evaluate_test else {}
     logger.info(f"best valid: {trainer.best_valid_result}")
-    logger.info(f"test result: {test_result}")
+    if evaluate_test:
+        logger.info(f"test result: {test_result}")
     return RunResult(
         label=label,
         dataset=dataset,
@@ -115,6 +119,7 @@ def run(
         train_time=pretrain_time + trainer.train_time,
         valid=dict(trainer.best_valid_result or {}),
         test=dict(test_result or {}),
+        curve=trainer.curve,
     )
 
 

@@ -1,4 +1,5 @@
-"""RecBole's trainer, made safe for torch>=2.6 checkpoints, CPU DDP and wall-clock budgets.
+"""RecBole's trainer, made safe for torch>=2.6 checkpoints, CPU DDP and wall-clock budgets, with
+a learning-rate schedule and a per-epoch record of losses and validation scores.
 
 RecBole pickles its whole ``Config`` into checkpoints and reloads them with ``torch.load``,
 which refuses arbitrary objects under ``weights_only=True``. We store state dicts plus plain
@@ -6,6 +7,7 @@ data only, and always reload with ``weights_only=True``.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from time import monotonic
 from typing import Any
@@ -16,6 +18,23 @@ from recbole.utils import set_color
 from torch.nn.parallel import DistributedDataParallel
 
 from recbole_prorec.config import plain_config
+
+
+SCHEDULES = ("constant", "inverse_sqrt", "cosine")
+
+
+def lr_factor(step: int, warmup: int, schedule: str, total_steps: int, min_ratio: float = 0.0) -> float:
+    """Multiplier of the learning rate after ``step`` optimizer steps: linear warmup over ``warmup``
+    steps, then ``schedule``: constant, inverse square root of the step (1 at the end of warmup),
+    or a cosine from 1 down to ``min_ratio`` at ``total_steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "inverse_sqrt":
+        return math.sqrt(max(warmup, 1) / (step + 1))
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
 
 
 class _BudgetExhausted(Exception):
@@ -30,7 +49,9 @@ class SafeTrainer(Trainer):
     """Trainer with ``weights_only`` checkpoints, gloo DDP on CPU, a time budget and bookkeeping.
 
     Records ``best_epoch`` (epoch of the best validation score), ``train_time`` (seconds spent in
-    training epochs, evaluation excluded) and ``epochs_run``.
+    training epochs, evaluation excluded), ``epochs_run`` and ``curve``: one entry per validated
+    epoch with its mean losses per batch, validation metrics, the model's evaluation diagnostics
+    (``pop_eval_stats``, if it has them) and the seconds spent so far.
     """
 
     def __init__(self, config, model):
@@ -52,22 +73,35 @@ class SafeTrainer(Trainer):
             torch.distributed.broadcast_object_list(name, src=0)
             self.saved_model_file = name[0]
         self.time_budget = config["train_time_budget"]
-        self._add_warmup(config["warmup_steps"] or 0)
+        if config["lr_scheduler"] not in SCHEDULES:
+            raise ValueError(f"lr_scheduler must be one of {SCHEDULES}, got {config['lr_scheduler']!r}")
         self.best_epoch = -1
         self.train_time = 0.0
         self.epochs_run = 0
+        self.curve: list[dict[str, float]] = []
         self._fit_start = 0.0
         self._batches_per_epoch = 1
+        self._epoch_losses: tuple = ()
+        self._last_eval_stats: dict[str, float] = {}
+        self._scheduled = False
 
-    def _add_warmup(self, steps: int) -> None:
-        """Linear learning-rate warmup over the first ``warmup_steps`` optimizer steps, then constant."""
-        if steps <= 0:
+    def _add_schedule(self, batches_per_epoch: int) -> None:
+        """Attach the schedule to the optimizer once, when the epoch length is known (a cosine
+        spans ``lr_decay_steps``, 0: all ``epochs``)."""
+        if self._scheduled:
             return
-        scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / steps))
+        self._scheduled = True
+        warmup, schedule = self.config["warmup_steps"] or 0, self.config["lr_scheduler"]
+        if not warmup and schedule == "constant":
+            return
+        total, low = self.config["lr_decay_steps"] or self.epochs * batches_per_epoch, self.config["lr_min_ratio"]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, warmup, schedule, total, low))
         self.optimizer.register_step_post_hook(lambda *_: scheduler.step())
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self._fit_start = monotonic()
+        self._add_schedule(len(train_data))
         try:
             return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
         except _BudgetExhausted:
@@ -87,7 +121,17 @@ class SafeTrainer(Trainer):
         loss = super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
         self.train_time += monotonic() - start
         self.epochs_run += 1
+        self._epoch_losses = loss if isinstance(loss, tuple) else (loss,)
         return loss
+
+    def _valid_epoch(self, valid_data, show_progress=False):
+        score, result = super()._valid_epoch(valid_data, show_progress)
+        names = getattr(self.model, "loss_names", None) or ("loss",)
+        entry = {"epoch": self.epochs_run - 1, "train_s": self.train_time, "elapsed_s": monotonic() - self._fit_start}
+        if len(names) == len(self._epoch_losses):
+            entry.update({n: float(v) / max(1, self._batches_per_epoch) for n, v in zip(names, self._epoch_losses)})
+        self.curve.append({**entry, **self._last_eval_stats, **dict(result)})
+        return score, result
 
     def _generate_train_loss_output(self, epoch_idx, s_time, e_time, losses):
         names = getattr(self.model, "loss_names", None)
@@ -154,7 +198,14 @@ class SafeTrainer(Trainer):
             checkpoint_file = model_file or self.saved_model_file
             self._load_state(load_checkpoint(checkpoint_file, self.device))
             self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
-        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+        pop_stats = getattr(self.model, "pop_eval_stats", None)
+        if pop_stats:
+            pop_stats()  # drop counts left from outside an evaluation
+        result = super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+        self._last_eval_stats = pop_stats() if pop_stats else {}
+        if self._last_eval_stats:
+            self.logger.info("evaluation diagnostics: " + ", ".join(f"{k} {v:.4f}" for k, v in self._last_eval_stats.items()))
+        return result
 
 
 class SafePretrainer(SafeTrainer, PretrainTrainer):
@@ -166,6 +217,7 @@ class SafePretrainer(SafeTrainer, PretrainTrainer):
 
     def pretrain(self, train_data, verbose=True, show_progress=False):
         self._fit_start = monotonic()
+        self._add_schedule(len(train_data))
         try:
             super().pretrain(train_data, verbose, show_progress)
         except _BudgetExhausted:

@@ -30,7 +30,7 @@ from recbole_prorec.config import RUNNER_KEYS, ModelSpec, ProjectConfig, plain_c
 from recbole_prorec.data import UNICODE_FIELD, check_columns, embedding_files, read_header
 from recbole_prorec.logs import start_log
 from recbole_prorec.quantize import Codes, quantize
-from recbole_prorec.trainer import SafeTrainer
+from recbole_prorec.trainer import SafeTrainer, load_checkpoint
 
 FUSIONS = ("prorec", "collab_only", "semantic_only", "concat")
 # Keys that cannot change Stage I's output: where files go, logging, devices, evaluation batching.
@@ -141,6 +141,10 @@ def train_din(config, data, report: dict) -> PRORecDIN:
     trainer.fit(train, valid, saved=True, show_progress=config["show_progress"])
     report["train_seconds"] = trainer.train_time
     report["epochs"] = trainer.epochs_run
+    if trainer.curve:  # validated: quantize the best epoch's embeddings, not the last epoch's
+        trainer._load_state(load_checkpoint(trainer.saved_model_file, config["device"]))
+        report.update(best_epoch=trainer.best_epoch, valid=dict(trainer.best_valid_result), curve=trainer.curve)
+        logger.info(f"Stage I: best validation epoch {trainer.best_epoch}: {dict(trainer.best_valid_result)}")
     if config["stage1_evaluate"]:
         result = trainer.evaluate(test, load_best_model=True, show_progress=config["show_progress"])
         report["test"] = dict(result)

@@ -122,3 +122,27 @@ def test_quality_quick(capsys):
     assert all(v > 0 for v in column(header, rows, "wall s"))
     assert column(header, rows, "NDCG@10 / SASRec-CE")[0] == 1.0
     assert [m["model"] for m in result["models"]] == ["SASRec-CE", "PRORec"]
+
+
+def test_curves_quick_writes_table_plot_and_appends(capsys, tmp_path):
+    out = tmp_path / "curves.md"
+    records = load("curves").main(["--quick", "--device", "cpu", "--out", str(out), "--models", "SASRec-CE,PRORec"])
+    text = capsys.readouterr().out
+    header, rows = table_with(text, "valid ndcg@10")
+    assert [(r[0], r[2]) for r in rows] == [("SASRec-CE", "0"), ("SASRec-CE", "1"), ("PRORec", "0"), ("PRORec", "1")]
+    for name in ("valid recall@10", "valid ndcg@10"):
+        assert all(0 <= v <= 1 for v in column(header, rows, name)), name
+    elapsed = column(header, rows, "elapsed s")
+    assert elapsed[1] > elapsed[0] > 0 and elapsed[3] > elapsed[2] > 0
+    prorec = [r for r in rows if r[0] == "PRORec"]
+    assert all(number(r[header.index("gen_l1")]) > 0 for r in prorec)
+    assert all(0 <= number(r[header.index("first_code_in_beam")]) <= 1 for r in prorec)
+    assert all(r[header.index("gen_l1")] == "" for r in rows if r[0] == "SASRec-CE")
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(records) == 4 and "test" not in " ".join(k for r in records for k in r)
+    # --append keeps the earlier records: the "before" curve survives the "after" run
+    more = load("curves").main(["--quick", "--device", "cpu", "--out", str(out), "--models", "SASRec-CE",
+                                "--tag", "after", "--append", "--epochs", "1"])
+    assert [r["label"] for r in more] == ["SASRec-CE"] * 2 + ["PRORec"] * 2 + ["SASRec-CE (after)"]
+    assert "SASRec-CE (after)" in out.read_text() and "PRORec" in out.read_text()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from recbole.data.interaction import Interaction
 
 from conftest import DATASET, build_recbole, make_prorec
@@ -65,11 +66,11 @@ def test_a_users_scores_do_not_depend_on_the_rest_of_the_batch(stage2):
 # --------------------------------------------------------------------------- beam search
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_beam_search_is_the_brute_force_top_k(stage2, seed):
+@pytest.mark.parametrize("seed,last_code_token", [(0, "item"), (1, "item"), (0, "shared"), (1, "shared")])
+def test_beam_search_is_the_brute_force_top_k(stage2, seed, last_code_token):
     """With beam_size >= n_items nothing is pruned: beams = exact top-k of all code likelihoods."""
     config, _, (_, _, test) = stage2
-    model = randomise(make_prorec(stage2, beam_size=48), seed).eval()
+    model = randomise(make_prorec(stage2, beam_size=48, last_code_token=last_code_token), seed).eval()
     assert model.beam_size >= model.n_items - 1
     batch = first_batch(test)
     items, scores = model.beam_search(batch)
@@ -85,9 +86,10 @@ def test_beam_search_is_the_brute_force_top_k(stage2, seed):
     torch.testing.assert_close(scores[:, :n_real], exact.gather(1, items[:, :n_real]), rtol=1e-4, atol=1e-4)
 
 
-def test_beam_search_items_are_real_and_distinct(stage2):
+@pytest.mark.parametrize("last_code_token", ["item", "shared"])
+def test_beam_search_items_are_real_and_distinct(stage2, last_code_token):
     _, data, (_, _, test) = stage2
-    model = randomise(make_prorec(stage2), 3).eval()
+    model = randomise(make_prorec(stage2, last_code_token=last_code_token), 3).eval()
     for i, (batch, *_rest) in enumerate(test):
         items, scores = model.beam_search(batch)
         assert items.shape == (len(batch), 20)
@@ -138,7 +140,7 @@ def test_ikd_gradients_reach_the_decoder(stage2):
     _, _, (train, _, _) = stage2
     model = make_prorec(stage2)
     model.train()
-    gen, ikd = model.calculate_loss(first_batch(train))
+    *gen, ikd = model.calculate_loss(first_batch(train))
     assert ikd.item() > 0
     ikd.backward()
     decoder_grads = [p.grad for p in model.decoder.parameters() if p.grad is not None]
@@ -155,13 +157,28 @@ def test_ikd_weight_zero_turns_ikd_off(stage2):
     _, _, (train, _, _) = stage2
     model = make_prorec(stage2, ikd_weight=0.0)
     assert not hasattr(model, "integrated") and not hasattr(model, "ikd_proj")
-    gen, ikd = model.calculate_loss(first_batch(train))
-    assert ikd.item() == 0 and gen.item() > 0
+    *gen, ikd = model.calculate_loss(first_batch(train))
+    assert ikd.item() == 0 and all(g.item() > 0 for g in gen)
 
 
-def test_training_lowers_both_losses(stage2):
+def chance_loss(model: PRORec, targets: torch.Tensor) -> float:
+    """Mean generation loss of a uniform guess: log K per code position (shared head), or the log
+    of the number of children of the prefix at each position (item mode scores only those)."""
+    codes = model.codes[targets]
+    if not model.item_level:
+        return (codes >= 0).sum(1).float().mean().item() * math.log(model.K)
+    nodes = model.item_nodes[targets]
+    total = sum(
+        torch.where(codes[:, t] >= 0, (model.child_items[t][nodes[:, t]] != -2).sum(1).float().log(), 0.0)
+        for t in range(model.code_len)
+    )
+    return total.mean().item()
+
+
+@pytest.mark.parametrize("last_code_token", ["item", "shared"])
+def test_training_lowers_both_losses(stage2, last_code_token):
     _, _, (train, _, _) = stage2
-    model = make_prorec(stage2)
+    model = make_prorec(stage2, last_code_token=last_code_token)
     batches = list(train)
 
     def mean_losses():
@@ -169,22 +186,19 @@ def test_training_lowers_both_losses(stage2):
         torch.manual_seed(7)  # the same IKD negatives every time
         with torch.no_grad():
             parts = [model.calculate_loss(b) for b in batches]
-        return [sum(p[i].item() for p in parts) / len(parts) for i in range(2)]
+        return [sum(sum(p[:-1]).item() for p in parts) / len(parts), sum(p[-1].item() for p in parts) / len(parts)]
 
     gen0, ikd0 = mean_losses()
-    # chance level: gen ~ (code length of the target) * log K per target; IKD is about log 2 only
-    # at large tau (tau = 0.1 here)
+    # chance level for gen; IKD is about log 2 only at large tau (tau = 0.1 here)
     targets = torch.cat([b[model.POS_ITEM_ID] for b in batches])
-    chance = (model.codes[targets] >= 0).sum(1).float().mean().item() * math.log(model.K)
-    assert abs(gen0 - chance) < 0.3 and ikd0 > 0.3
+    assert abs(gen0 - chance_loss(model, targets)) < 0.3 and ikd0 > 0.3
     optim = torch.optim.Adam(model.parameters(), lr=0.003)
     model.train()
     steps = 0
     while steps < 200:
         for batch in batches:
-            gen, ikd = model.calculate_loss(batch)
             optim.zero_grad()
-            (gen + ikd).backward()
+            sum(model.calculate_loss(batch)).backward()
             optim.step()
             steps += 1
     gen1, ikd1 = mean_losses()
@@ -221,9 +235,101 @@ def test_recbole_metrics_equal_recomputation_from_decoded_lists(stage2, tmp_path
     n_users = len(hits[5])
     assert n_users == len(test.dataset)
     assert sum(hits[20]) > 0, "no hit at all: the comparison would be vacuous"
+    # the evaluation's diagnostics: with beam 20 = top 20, "target in the beam" is recall@20
+    assert trainer._last_eval_stats["item_in_beam"] == pytest.approx(sum(hits[20]) / n_users)
+    assert trainer._last_eval_stats["first_code_in_beam"] >= trainer._last_eval_stats["item_in_beam"]
     for k in config["topk"]:
         assert result[f"recall@{k}"] == pytest.approx(sum(hits[k]) / n_users, abs=1e-4)
         assert result[f"ndcg@{k}"] == pytest.approx(sum(gains[k]) / n_users, abs=1e-4)
+
+
+# --------------------------------------------------------------------------- per-level loss, item-level last code
+
+
+def test_generation_loss_is_reported_per_code_level(stage2):
+    _, _, (train, _, _) = stage2
+    model = make_prorec(stage2).eval()
+    assert model.code_len >= 2
+    assert model.loss_names == (*[f"gen_l{level + 1}" for level in range(model.code_len)], "ikd")
+    batch = first_batch(train)
+    with torch.no_grad():
+        parts = model.calculate_loss(batch)
+        logits, codes, _ = model.teacher_forced(batch, batch[model.POS_ITEM_ID])
+    assert len(parts) == len(model.loss_names)
+    for level, part in enumerate(parts[:-1]):
+        real = codes[:, level] >= 0
+        expected = F.cross_entropy(logits[real, level], codes[real, level], reduction="sum") / len(codes)
+        torch.testing.assert_close(part, expected)
+
+
+@pytest.mark.parametrize("last_code_token", ["item", "shared"])
+def test_item_mode_scores_only_the_children_of_the_prefix(stage2, last_code_token):
+    _, _, (_, _, test) = stage2
+    model = randomise(make_prorec(stage2, last_code_token=last_code_token), 6).eval()
+    batch = first_batch(test)
+    targets = batch[model.ITEM_ID]
+    with torch.no_grad():
+        probs = model.teacher_forced(batch, targets)[0].softmax(-1)
+    codes, nodes = model.codes[targets], model.item_nodes[targets]
+    outside = []
+    for t in range(model.code_len):
+        real = codes[:, t] >= 0
+        children = model.trie.children[t][nodes[real, t]] >= 0  # [users, K]
+        assert children.gather(1, codes[real, t, None]).all()  # the node table leads to the target
+        outside.append(probs[real, t][~children])
+    outside = torch.cat(outside)
+    if last_code_token == "item":
+        assert outside.numel() and (outside == 0).all()
+    else:  # the shared head spreads probability over codes no item continues with
+        assert (outside > 0).all()
+
+
+def test_item_mode_gives_each_item_its_own_token_tied_to_its_output_score(stage2):
+    _, _, (_, _, test) = stage2
+    item_mode = randomise(make_prorec(stage2), 7).eval()
+    shared = make_prorec(stage2, last_code_token="shared")
+    items = torch.arange(1, item_mode.n_items)
+    last = (item_mode.codes[items] >= 0).sum(1) - 1
+    own = item_mode.item_tokens[items, last]
+    assert torch.equal(own, item_mode.item_offset + items)
+    assert torch.equal(item_mode.item_tokens[items].clamp(max=item_mode.bos - 1),
+                       shared.item_tokens[items].scatter(1, last[:, None], item_mode.bos - 1))
+    assert len(set(shared.item_tokens[items, last].tolist())) < len(items)  # ranks repeat across clusters
+    # the score of a child that completes an item is <state, that item's input embedding> + its bias
+    batch = first_batch(test)
+    targets = batch[item_mode.ITEM_ID]
+    with torch.no_grad():
+        logits, codes, _ = item_mode.teacher_forced(batch, targets)
+        memory, mask = item_mode.encode(batch)
+        tokens = torch.cat([torch.full((len(targets), 1), item_mode.bos), item_mode.item_tokens[targets]], 1)
+        states = item_mode.decode(tokens[:, None], memory, mask)[:, 0]
+    rows = torch.arange(len(targets))
+    target_last = (codes >= 0).sum(1) - 1
+    expected = (states[rows, target_last] * item_mode.token_embedding.weight[item_mode.item_offset + targets]).sum(-1)
+    expected = expected + item_mode.item_bias[targets]
+    got = logits[rows, target_last].gather(1, codes[rows, target_last][:, None]).squeeze(1)
+    torch.testing.assert_close(got, expected)
+
+
+def test_unknown_last_code_token_is_refused(stage2):
+    with pytest.raises(ValueError, match="last_code_token must be one of"):
+        make_prorec(stage2, last_code_token="items")
+
+
+def test_beam_diagnostics_count_first_codes_and_targets(stage2):
+    _, _, (_, _, test) = stage2
+    model = randomise(make_prorec(stage2, beam_size=20), 8).eval()
+    assert model.pop_eval_stats() == {}
+    batch = first_batch(test)
+    targets = batch[model.ITEM_ID]
+    model.full_sort_predict(batch)
+    items, _ = model.beam_search(batch)
+    stats = model.pop_eval_stats()
+    first = (model.codes[items, 0] == model.codes[targets, 0][:, None]).any(1).float().mean().item()
+    hit = (items == targets[:, None]).any(1).float().mean().item()
+    assert stats == pytest.approx({"first_code_in_beam": first, "item_in_beam": hit})
+    assert 0 < stats["first_code_in_beam"] <= 1 and stats["item_in_beam"] <= stats["first_code_in_beam"]
+    assert model.pop_eval_stats() == {}  # counts start again after each pop
 
 
 # --------------------------------------------------------------------------- bad input

@@ -246,9 +246,9 @@ def test_rqvae_quantizer_end_to_end_as_tiger(tiny_overrides):
     config, _, (train, _, test) = build_recbole("TIGER", tiny_overrides(), folder)
     assert config["ikd_weight"] == 0 and config["model_label"] == "TIGER"
     model = PRORec(config, train._dataset)
-    assert not hasattr(model, "integrated")
-    gen, ikd = model.calculate_loss(next(iter(train)))
-    assert torch.isfinite(gen) and ikd.item() == 0
+    assert not hasattr(model, "integrated") and not model.item_level  # TIGER's codes hold no item token
+    *gen, ikd = model.calculate_loss(next(iter(train)))
+    assert len(gen) == model.code_len and all(torch.isfinite(g) for g in gen) and ikd.item() == 0
     model.eval()
     full = model.full_sort_predict(next(iter(test))[0])
     assert (torch.isfinite(full).sum(1) == model.beam_size).all()
@@ -316,3 +316,28 @@ def test_item_file_lines_split_as_recbole_reads_them(tmp_path):
 def test_stage1_block_values_are_type_checked(tiny_overrides):
     with pytest.raises(ValueError, match="config key 'epochs' from 'stage1' must be int"):
         stage1_config(DATASET, [], tiny_overrides(stage1={"epochs": "many"}))
+
+
+def test_stage1_validated_on_sampled_negatives_keeps_its_best_epoch(tiny_overrides, tmp_path):
+    """A cheap validation signal (100 sampled negatives) lets Stage I stop by itself; the codes are
+    made from the best epoch's embeddings, which the report names."""
+    block = {"epochs": 6, "train_batch_size": 32, "learning_rate": 0.005, "eval_step": 1, "stopping_step": 1,
+             "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user",
+                           "mode": {"valid": "uni100", "test": "full"}}}
+    folder = build_unicodes(DATASET, [], tiny_overrides(stage1=block, unicode_dir=str(tmp_path / "u"),
+                                                        checkpoint_dir=str(tmp_path / "saved")))
+    report = json.loads((folder / DATASET / "stage1.json").read_text(encoding="utf-8"))
+    curve = report["curve"]
+    assert report["epochs"] == len(curve) and 1 <= len(curve) <= 6
+    scores = [entry["ndcg@10"] for entry in curve]
+    assert report["best_epoch"] == curve[scores.index(max(scores))]["epoch"]
+    assert report["valid"]["ndcg@10"] == pytest.approx(max(scores))
+    assert len(curve) < 6 and report["best_epoch"] < curve[-1]["epoch"]  # stopped early, after its best
+    # the embeddings written are the best epoch's: the saved checkpoint's item table
+    from recbole_prorec.trainer import load_checkpoint
+
+    (checkpoint,) = (tmp_path / "saved").glob("PRORecDIN-*.pth")
+    state = load_checkpoint(str(checkpoint))
+    assert state["epoch"] == report["best_epoch"]
+    emb = np.load(folder / DATASET / f"{DATASET}.emb.npy")
+    np.testing.assert_allclose(emb, state["state_dict"]["item_embedding.weight"][1:].numpy(), rtol=1e-6)

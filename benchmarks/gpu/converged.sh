@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Beauty to convergence on one GPU within about 9 minutes: PRORec (Stage I, then Stage II) and SASRec-CE
+# under the runner's protocol with early stopping and wall-clock budgets, then the GPU beam-search benchmark.
+#
+#   python benchmarks/gpu/prepare.py --dataset Amazon_Beauty   # here: wheels, data, text embeddings -> .carry/
+#   bash benchmarks/gpu/converged.sh                           # there, carrying .carry; writes $OUT (or results/gpu)
+#   bash benchmarks/gpu/converged.sh --quick                   # any CPU: ml-100k, tiny budgets, the same steps
+#
+# Budgets (seconds, environment variables): STAGE1_BUDGET (Stage I DIN), BUDGET (each model's Stage II
+# training + validation; no epoch starts after it), EPOCHS (cap). Early stopping: properties/overall.yaml.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-results/gpu}
+mkdir -p "$OUT"
+quick=0; [ "${1:-}" = "--quick" ] && quick=1
+if [ $quick = 1 ]; then
+  DATASET=${DATASET:-ml-100k}; STAGE1_BUDGET=${STAGE1_BUDGET:-20}; BUDGET=${BUDGET:-20}; EPOCHS=${EPOCHS:-1}
+  extra=(--gpu_id= --MAX_ITEM_LIST_LENGTH=5 --user_inter_num_interval="[20,41)")
+  decode=(--quick --device cpu)
+else
+  DATASET=${DATASET:-Amazon_Beauty}; STAGE1_BUDGET=${STAGE1_BUDGET:-100}; BUDGET=${BUDGET:-180}; EPOCHS=${EPOCHS:-300}
+  extra=()
+  decode=(--device cuda --no-dual)
+fi
+if [ -d .carry/wheels ] && ! python3 -c "import recbole" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .carry/wheels/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+python3 - <<'PY' | tee "$OUT/environment.txt"
+import numpy, pandas, recbole, sklearn, torch
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+print(f"torch {torch.__version__}, GPU {gpu}, numpy {numpy.__version__}, pandas {pandas.__version__}, "
+      f"recbole {recbole.__version__}, scikit-learn {sklearn.__version__}")
+PY
+data=()
+if [ -d ".carry/datasets/$DATASET" ]; then  # gzipped atomic files and precomputed text embeddings
+  mkdir -p "/tmp/datasets/$DATASET"
+  for f in ".carry/datasets/$DATASET"/*.gz; do gunzip -c "$f" > "/tmp/datasets/$DATASET/$(basename "${f%.gz}")"; done
+  data=(--data_path=/tmp/datasets --semantic_embedding_file=".carry/$DATASET.semantic.npy")
+fi
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore  # RecBole 1.2.1 warns on every pandas call
+start=$(date +%s)
+python3 run_recbole_prorec.py --model=PRORec,SASRec-CE --dataset="$DATASET" "${data[@]}" "${extra[@]}" \
+  --show_progress=False --epochs="$EPOCHS" --train_time_budget="$BUDGET" \
+  --stage1="{'epochs': 100, 'train_time_budget': $STAGE1_BUDGET}" \
+  --results_file="$OUT/converged_$DATASET.md" 2>&1 | tee "$OUT/converged.log" | grep -E "epoch|test result|^\|" || true
+echo "PRORec and SASRec-CE: $(( $(date +%s) - start )) s"
+python3 benchmarks/decode.py "${decode[@]}" --out "$OUT/decode.md" | tail -n 25
+cp log/PRORec/*.log log/PRORecDIN/*.log "$OUT/" 2>/dev/null || true

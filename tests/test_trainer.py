@@ -1,0 +1,63 @@
+"""SafeTrainer: the learning-rate schedule, its errors, and the per-epoch curve it records."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from conftest import make_prorec
+from recbole_prorec.trainer import SafeTrainer, lr_factor
+
+
+def test_warmup_is_linear_then_each_schedule_has_its_shape():
+    warmup, total = 100, 1100
+    assert [lr_factor(s, warmup, "constant", total) for s in (0, 49, 99)] == pytest.approx([0.01, 0.5, 1.0])
+    assert lr_factor(5000, warmup, "constant", total) == 1.0
+    # inverse square root: 1 at the end of warmup, halves when the step count quadruples
+    assert lr_factor(warmup - 1, warmup, "inverse_sqrt", total) == pytest.approx(1.0)
+    assert lr_factor(4 * warmup - 1, warmup, "inverse_sqrt", total) == pytest.approx(0.5)
+    # cosine: 1 after warmup, halfway between 1 and the floor midway, the floor at the end and after
+    assert lr_factor(warmup, warmup, "cosine", total, 0.1) == pytest.approx(1.0)
+    assert lr_factor(600, warmup, "cosine", total, 0.1) == pytest.approx(0.55)
+    assert lr_factor(total, warmup, "cosine", total, 0.1) == pytest.approx(0.1)
+    assert lr_factor(10 * total, warmup, "cosine", total, 0.1) == pytest.approx(0.1)
+    falling = [lr_factor(s, warmup, "cosine", total) for s in range(warmup, total, 100)]
+    assert falling == sorted(falling, reverse=True) and len(set(falling)) == len(falling)
+
+
+def test_unknown_schedule_is_refused(stage2):
+    config, _, _ = stage2
+    saved = config["lr_scheduler"]
+    config["lr_scheduler"] = "linear"
+    try:
+        with pytest.raises(ValueError, match="lr_scheduler must be one of"):
+            SafeTrainer(config, make_prorec(stage2))
+    finally:
+        config["lr_scheduler"] = saved
+
+
+@pytest.mark.parametrize("schedule", ["inverse_sqrt", "cosine"])
+def test_fit_follows_the_schedule_and_records_a_curve(stage2, tmp_path, schedule):
+    config, _, (train, valid, _) = stage2
+    changes = {"lr_scheduler": schedule, "warmup_steps": 3, "epochs": 2, "eval_step": 1,
+               "checkpoint_dir": str(tmp_path), "lr_min_ratio": 0.2, "lr_decay_steps": 0}
+    saved = {k: config[k] for k in changes}
+    config.final_config_dict.update(changes)
+    try:
+        model = make_prorec(stage2)
+        trainer = SafeTrainer(config, model)
+        trainer.fit(train, valid, saved=True)
+    finally:
+        config.final_config_dict.update(saved)
+    steps = 2 * len(train)
+    expected = config["learning_rate"] * lr_factor(steps, 3, schedule, steps, 0.2)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+    if schedule == "cosine":  # decays over exactly the run's epochs
+        assert expected == pytest.approx(0.2 * config["learning_rate"])
+    assert [entry["epoch"] for entry in trainer.curve] == [0, 1]
+    for entry in trainer.curve:
+        assert set(model.loss_names) <= set(entry) and all(math.isfinite(entry[n]) for n in model.loss_names)
+        assert 0 <= entry["ndcg@10"] <= entry["recall@10"] <= 1
+        assert 0 <= entry["item_in_beam"] <= entry["first_code_in_beam"] <= 1
+        assert entry["elapsed_s"] >= entry["train_s"] > 0
+    assert trainer.curve[1]["train_s"] > trainer.curve[0]["train_s"]
