@@ -323,19 +323,27 @@ class PRORec(SequentialRecommender):
             # and its row must not turn into NaN in log_softmax
             level = logits[:, t].masked_fill(items == -2, torch.finfo(logits.dtype).min)
             if bool((items >= 0).any()):
-                level = torch.where(items >= 0, self._item_logits(states[:, t], items.clamp(min=0)), level)
+                own = self._item_logits(states[:, t], nodes[:, t], first_level + t)
+                level = torch.where(items >= 0, own, level)
             levels.append(level)
         return torch.stack(levels, dim=1)
 
-    def _item_logits(self, states: torch.Tensor, items: torch.Tensor, rows: int = 1024) -> torch.Tensor:
-        """states [N, H] . own-token embedding of ``items`` [N, K] + item bias, in chunks of rows:
-        cost grows with K, not with the catalogue, and a beam batch never holds [N, K, H] at once."""
+    def _item_logits(self, states: torch.Tensor, nodes: torch.Tensor, level: int) -> torch.Tensor:
+        """<state, own token> + item bias [N, K] of the items completed by each child of ``nodes``
+        (arbitrary where a child completes no item). Two forms of the same numbers, chosen by cost
+        on a CPU: with gradients, one dense product over the catalogue and a gather (the backward of
+        gathering [N, K, H] embeddings is a slow scatter); without, one [rows, H] x [H, K] product
+        per distinct node (beams crowd into few clusters), which never forms [N, n_items]."""
         table = self.token_embedding.weight[self.item_offset :]
-        out = [
-            torch.einsum("nh,nkh->nk", s, table[i]) + self.item_bias[i]
-            for s, i in zip(states.split(rows), items.split(rows))
-        ]
-        return torch.cat(out)
+        children = self.child_items[level].clamp(min=0)
+        if torch.is_grad_enabled():
+            return (states @ table.T + self.item_bias).gather(1, children[nodes])
+        uniq, inv = nodes.unique(return_inverse=True)
+        items = children[uniq]  # [U, K]
+        order = inv.argsort()
+        groups = states[order].split(torch.bincount(inv, minlength=len(uniq)).tolist())
+        scores = torch.cat([rows @ table[items[u]].T + self.item_bias[items[u]] for u, rows in enumerate(groups)])
+        return torch.empty_like(scores).index_copy_(0, order, scores)
 
     def teacher_forced(self, interaction, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits [B, C, K] of each code of ``items``, its codes [B, C] and the [IKD] state [B, H]."""

@@ -311,6 +311,19 @@ def test_item_mode_gives_each_item_its_own_token_tied_to_its_output_score(stage2
     torch.testing.assert_close(got, expected)
 
 
+def test_item_scores_are_the_same_with_and_without_gradients(stage2):
+    """Training scores items with one dense product, inference per trie node: the same numbers."""
+    _, _, (_, _, test) = stage2
+    model = randomise(make_prorec(stage2), 9).eval()
+    batch = first_batch(test)
+    targets = batch[model.ITEM_ID]
+    with torch.no_grad():
+        grouped = model.teacher_forced(batch, targets)[0]
+    dense = model.teacher_forced(batch, targets)[0]
+    assert dense.requires_grad and torch.isfinite(grouped).any(-1).all()
+    torch.testing.assert_close(grouped, dense.detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_last_code_token_is_refused(stage2):
     with pytest.raises(ValueError, match="last_code_token must be one of"):
         make_prorec(stage2, last_code_token="items")

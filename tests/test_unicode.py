@@ -129,13 +129,16 @@ def test_stage1_key_follows_stage1_settings(stage1_folder, tiny_overrides):
     key = stage1_key(stage1_config(DATASET, [], tiny_overrides()))
     assert stage1_folder.name == f"{DATASET}-{key}"
     for changed in ({"codebook_size": 8}, {"fusion": "concat"}, {"cka_weight": 0.5}, {"stage1": {"epochs": 3}},
-                    {"stage1": {"train_time_budget": 5}}, {"weight_decay": 0.1}, {"stopping_step": 2},
-                    {"seed": 1}, {"MAX_ITEM_LIST_LENGTH": 10}):
+                    {"stage1": {"train_time_budget": 5}}, {"stage1": {"weight_decay": 0.1}},
+                    {"stage1": {"stopping_step": 2}}, {"seed": 1}, {"MAX_ITEM_LIST_LENGTH": 10}):
         other = stage1_key(stage1_config(DATASET, [], tiny_overrides(**changed)))
         assert other != key, f"{changed} does not change the Stage I key"
     # Stage II's keys (its budget among them) and keys that cannot change the output keep it
     for kept in ({"stage1_rerun": True, "semantic_batch_size": 3}, {"train_time_budget": 900},
-                 {"hidden_size": 64, "beam_size": 30}, {"load_checkpoint": "x.pth", "state": "warning"}):
+                 {"hidden_size": 64, "beam_size": 30}, {"load_checkpoint": "x.pth", "state": "warning"},
+                 # Stage II's training loop, as benchmarks/curves.py sets it
+                 {"epochs": 7, "eval_step": 1, "stopping_step": 8, "weight_decay": 0.1, "learner": "adamw",
+                  "lr_scheduler": "cosine", "warmup_steps": 100, "clip_grad_norm": {"max_norm": 1.0}}):
         assert stage1_key(stage1_config(DATASET, [], tiny_overrides(**kept))) == key, kept
 
 

@@ -26,7 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 CARRY = ROOT / ".carry"
 # what recbole_prorec imports and the machine's image lacks, in versions recbole 1.2.1 accepts
-WHEELS = ["recbole==1.2.1", "numpy==1.26.4", "pandas==2.2.3", "colorlog==6.9.0", "texttable==1.7.0"]
+WHEELS = ["recbole==1.2.1", "numpy==1.26.4", "pandas==2.2.3", "pytz==2025.2", "tzdata==2025.2", "colorlog==6.9.0",
+          "texttable==1.7.0"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "any"]
 LIMIT_MIB = 64  # the device tool carries the working tree plus carried paths up to this size
 
