@@ -409,8 +409,6 @@ def parse_value(text: str) -> Any:
         return text
 
 
-
-
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by the scripts that train models through ``recbole_prorec.runner.run``."""
     parser.add_argument("--config_files", default="", help="comma-separated YAML files for every model")

@@ -29,11 +29,11 @@ SKIP = {"epoch", "train_s", "elapsed_s", "label", "seed", "command", *DIAGNOSTIC
 
 
 def train_curves(labels: Sequence[str], seeds: Sequence[int], dataset: str, files: Sequence[str],
-                 overrides: dict, tag: str, command: str) -> list[dict]:
-    """One record per model, seed and validated epoch, each naming the command that made it."""
+                 overrides: dict, tag: str, command: str, records: list[dict], save: Path | None) -> list[dict]:
+    """Add one record per model, seed and validated epoch to ``records``, each naming the command
+    that made it; ``save`` (a .json) is rewritten after every run, so a crash loses no finished run."""
     from recbole_prorec.runner import run
 
-    records = []
     for label in labels:
         name = f"{label} ({tag})" if tag else label
         for seed in seeds:
@@ -42,6 +42,8 @@ def train_curves(labels: Sequence[str], seeds: Sequence[int], dataset: str, file
                 records.append({"label": name, "seed": seed, "command": command, **entry})
                 print(f"  {name} seed {seed} epoch {entry['epoch']}: ndcg@10 {entry.get('ndcg@10', float('nan')):.4f}, "
                       f"recall@10 {entry.get('recall@10', float('nan')):.4f}, {entry['elapsed_s']:.0f}s", flush=True)
+            if save:
+                save.write_text(json.dumps(records, indent=1), encoding="utf-8")
     return records
 
 
@@ -67,7 +69,7 @@ def plot(records: Sequence[dict], path: Path, dataset: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for (label, seed) in dict.fromkeys((r["label"], r["seed"]) for r in records):
         rows = [r for r in records if r["label"] == label and r["seed"] == seed]
-        ndcg = [r["ndcg@10"] for r in rows]
+        ndcg = [r.get("ndcg@10", float("nan")) for r in rows]
         axes[0].plot([r["epoch"] + 1 for r in rows], ndcg, marker="o", label=f"{label}, seed {seed}")
         axes[1].plot([r["elapsed_s"] for r in rows], ndcg, marker="o")
     axes[0].set(xlabel="epochs trained", ylabel="validation NDCG@10", title=dataset)
@@ -108,10 +110,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     # exactly `epochs` validated epochs: no budget, no early stop
     overrides.update(epochs=epochs, eval_step=1, stopping_step=epochs + 1, train_time_budget=0.0)
     out = Path(args.out) if args.out else None
-    earlier = json.loads(out.with_suffix(".json").read_text()) if args.append and out.with_suffix(".json").is_file() else []
+    save = out.with_suffix(".json") if out else None
+    records = json.loads(save.read_text()) if args.append and save.is_file() else []
     try:
-        records = earlier + train_curves(labels, seeds, args.dataset, files, overrides, args.tag,
-                                         "python " + " ".join(command))
+        train_curves(labels, seeds, args.dataset, files, overrides, args.tag, "python " + " ".join(command),
+                     records, save)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -126,9 +129,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     report.add("Commands behind these rows:\n\n" + "\n".join(commands))
     report.save(args.out)
     if out:
-        out.with_suffix(".json").write_text(json.dumps(records, indent=1), encoding="utf-8")
         plot(records, out.with_suffix(".png"), args.dataset)
-        print(f"curves written to {out.with_suffix('.png')} and {out.with_suffix('.json')}")
+        print(f"curves written to {out.with_suffix('.png')} and {save}")
     return records
 
 

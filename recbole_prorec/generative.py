@@ -207,7 +207,9 @@ class PRORec(SequentialRecommender):
         self.token_embedding = nn.Embedding(vocab, self.hidden, padding_idx=0)
         self.register_buffer("item_tokens", self._item_tokens(codes), persistent=False)
         self.register_buffer("item_nodes", self._item_nodes(codes), persistent=False)
-        self.child_items = [self._child_items(level) for level in range(self.code_len)]
+        if self.item_level:  # buffers, so they follow the model across devices
+            for level in range(self.code_len):
+                self.register_buffer(f"child_items_{level}", self._child_items(level), persistent=False)
         self.item_bias = nn.Parameter(torch.zeros(self.n_items)) if self.item_level else None
         self.item_position = nn.Embedding(self.max_seq_length, self.hidden)
         self.decoder_position = nn.Embedding(self.code_len + 2, self.hidden)
@@ -265,19 +267,11 @@ class PRORec(SequentialRecommender):
             node = self.trie.children[t][node, codes[:, t].clamp(min=0)].clamp(min=0)
         return nodes
 
-    def _child_items(self, level: int) -> torch.Tensor | None:
-        """[n_nodes, K]: the item a child completes (-2: no child, -1: inner node); None in shared mode."""
-        if not self.item_level:
-            return None
+    def _child_items(self, level: int) -> torch.Tensor:
+        """[n_nodes, K]: the item a child completes (-2: no child, -1: inner node)."""
         children = self.trie.children[level]
         leaf = self.trie.leaf_item[level + 1][children.clamp(min=0)]
         return torch.where(children >= 0, leaf, torch.full_like(leaf, -2))
-
-    def _apply(self, fn, recurse=True):
-        # the per-level child tables are plain tensors (a list), moved along with the buffers
-        super()._apply(fn, recurse)
-        self.child_items = [c if c is None else fn(c) for c in self.child_items]
-        return self
 
     def encode(self, interaction) -> tuple[list[torch.Tensor], torch.Tensor]:
         """User history as unicode tokens -> each decoder layer's cross-attention keys/values
@@ -318,9 +312,9 @@ class PRORec(SequentialRecommender):
             return logits
         levels = []
         for t in range(T):
-            items = self.child_items[first_level + t][nodes[:, t]]  # [N, K]
-            # most negative finite value, not -inf: a finished beam's node has no children at all,
-            # and its row must not turn into NaN in log_softmax
+            items = getattr(self, f"child_items_{first_level + t}")[nodes[:, t]]  # [N, K]
+            # the most negative finite value, not -inf: a row whose node has no children (a padding
+            # position of a shorter code, a beam that has just finished) must not turn into NaN
             level = logits[:, t].masked_fill(items == -2, torch.finfo(logits.dtype).min)
             if bool((items >= 0).any()):
                 own = self._item_logits(states[:, t], nodes[:, t], first_level + t)
@@ -333,9 +327,10 @@ class PRORec(SequentialRecommender):
         (arbitrary where a child completes no item). Two forms of the same numbers, chosen by cost
         on a CPU: with gradients, one dense product over the catalogue and a gather (the backward of
         gathering [N, K, H] embeddings is a slow scatter); without, one [rows, H] x [H, K] product
-        per distinct node (beams crowd into few clusters), which never forms [N, n_items]."""
+        per distinct node (beams crowd into few clusters), which never forms [N, n_items]; on a GPU
+        that is a few hundred small products per step, fine at beam 20 (decode.py measures it)."""
         table = self.token_embedding.weight[self.item_offset :]
-        children = self.child_items[level].clamp(min=0)
+        children = getattr(self, f"child_items_{level}").clamp(min=0)
         if torch.is_grad_enabled():
             return (states @ table.T + self.item_bias).gather(1, children[nodes])
         uniq, inv = nodes.unique(return_inverse=True)
@@ -413,8 +408,8 @@ class PRORec(SequentialRecommender):
         stats["first_code_in_beam"] += int(first.sum())
         stats["item_in_beam"] += int(items.eq(target[:, None]).any(1).sum())
 
-    def pop_eval_stats(self) -> dict[str, float]:
-        """Rates of the beam diagnostics since the last call (the trainer logs them per evaluation)."""
+    def pop_eval_counts(self) -> dict[str, int]:
+        """Beam diagnostics counted since the last call, with the number of ``users`` counted (the
+        trainer sums them over DDP ranks, logs their rates and resets them per evaluation)."""
         stats, self.beam_stats = self.beam_stats, Counter()
-        users = stats.pop("users", 0)
-        return {k: v / users for k, v in stats.items()} if users else {}
+        return {key: stats[key] for key in ("users", "first_code_in_beam", "item_in_beam")}

@@ -51,7 +51,7 @@ class SafeTrainer(Trainer):
     Records ``best_epoch`` (epoch of the best validation score), ``train_time`` (seconds spent in
     training epochs, evaluation excluded), ``epochs_run`` and ``curve``: one entry per validated
     epoch with its mean losses per batch, validation metrics, the model's evaluation diagnostics
-    (``pop_eval_stats``, if it has them) and the seconds spent so far.
+    (rates of the counts of ``pop_eval_counts``, if it has them) and the seconds spent so far.
     """
 
     def __init__(self, config, model):
@@ -81,27 +81,33 @@ class SafeTrainer(Trainer):
         self.curve: list[dict[str, float]] = []
         self._fit_start = 0.0
         self._batches_per_epoch = 1
+        self._epoch = -1
         self._epoch_losses: tuple = ()
         self._last_eval_stats: dict[str, float] = {}
         self._scheduled = False
+        self.lr_step = 0  # optimizer steps taken, saved in checkpoints so a resumed schedule goes on
 
-    def _add_schedule(self, batches_per_epoch: int) -> None:
+    def _add_schedule(self, batches_per_epoch: int, epochs: int) -> None:
         """Attach the schedule to the optimizer once, when the epoch length is known (a cosine
-        spans ``lr_decay_steps``, 0: all ``epochs``)."""
+        spans ``lr_decay_steps``, 0: ``epochs`` epochs); it starts at ``lr_step``."""
         if self._scheduled:
             return
         self._scheduled = True
         warmup, schedule = self.config["warmup_steps"] or 0, self.config["lr_scheduler"]
-        if not warmup and schedule == "constant":
-            return
-        total, low = self.config["lr_decay_steps"] or self.epochs * batches_per_epoch, self.config["lr_min_ratio"]
+        total, low = self.config["lr_decay_steps"] or epochs * batches_per_epoch, self.config["lr_min_ratio"]
+        start = self.lr_step
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, warmup, schedule, total, low))
-        self.optimizer.register_step_post_hook(lambda *_: scheduler.step())
+            self.optimizer, lambda step: lr_factor(start + step, warmup, schedule, total, low))
+
+        def advance(*_) -> None:
+            self.lr_step += 1
+            scheduler.step()
+
+        self.optimizer.register_step_post_hook(advance)
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self._fit_start = monotonic()
-        self._add_schedule(len(train_data))
+        self._add_schedule(len(train_data), self.epochs)
         try:
             return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
         except _BudgetExhausted:
@@ -121,13 +127,14 @@ class SafeTrainer(Trainer):
         loss = super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
         self.train_time += monotonic() - start
         self.epochs_run += 1
+        self._epoch = epoch_idx
         self._epoch_losses = loss if isinstance(loss, tuple) else (loss,)
         return loss
 
     def _valid_epoch(self, valid_data, show_progress=False):
         score, result = super()._valid_epoch(valid_data, show_progress)
         names = getattr(self.model, "loss_names", None) or ("loss",)
-        entry = {"epoch": self.epochs_run - 1, "train_s": self.train_time, "elapsed_s": monotonic() - self._fit_start}
+        entry = {"epoch": self._epoch, "train_s": self.train_time, "elapsed_s": monotonic() - self._fit_start}
         if len(names) == len(self._epoch_losses):
             entry.update({n: float(v) / max(1, self._batches_per_epoch) for n, v in zip(names, self._epoch_losses)})
         self.curve.append({**entry, **self._last_eval_stats, **dict(result)})
@@ -158,6 +165,7 @@ class SafeTrainer(Trainer):
             "epoch": int(epoch),
             "cur_step": int(self.cur_step),
             "best_valid_score": float(self.best_valid_score),
+            "lr_step": int(self.lr_step),
             "state_dict": self.model.state_dict(),
             # FDSA, DIN & co. list whole submodules here; their weights are in state_dict already
             "other_parameter": {
@@ -175,6 +183,7 @@ class SafeTrainer(Trainer):
         self.start_epoch = checkpoint["epoch"] + 1
         self.cur_step = checkpoint["cur_step"]
         self.best_valid_score = checkpoint["best_valid_score"]
+        self.lr_step = checkpoint.get("lr_step", 0)
         self._load_state(checkpoint)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
@@ -187,6 +196,11 @@ class SafeTrainer(Trainer):
             if saved.get(key) is None or part(saved[key]) != part(self.config[key]):
                 raise ValueError(f"checkpoint was trained with {key}={saved.get(key)!r}, "
                                  f"this run has {key}={self.config[key]!r}")
+        # PRORec's two forms have different weights; checkpoints older than the key are "shared"
+        mode = self.config["last_code_token"]
+        if mode is not None and saved.get("last_code_token", "shared") != mode:
+            raise ValueError(f"checkpoint was trained with last_code_token={saved.get('last_code_token', 'shared')!r}, "
+                             f"this run has last_code_token={mode!r}")
         self.model.load_state_dict(checkpoint["state_dict"])
         self.model.load_other_parameter(checkpoint.get("other_parameter"))
 
@@ -198,14 +212,26 @@ class SafeTrainer(Trainer):
             checkpoint_file = model_file or self.saved_model_file
             self._load_state(load_checkpoint(checkpoint_file, self.device))
             self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
-        pop_stats = getattr(self.model, "pop_eval_stats", None)
-        if pop_stats:
-            pop_stats()  # drop counts left from outside an evaluation
+        pop_counts = getattr(self.model, "pop_eval_counts", None)
+        if pop_counts:
+            pop_counts()  # drop counts left from outside an evaluation
         result = super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
-        self._last_eval_stats = pop_stats() if pop_stats else {}
+        self._last_eval_stats = self._rates(pop_counts()) if pop_counts else {}
         if self._last_eval_stats:
             self.logger.info("evaluation diagnostics: " + ", ".join(f"{k} {v:.4f}" for k, v in self._last_eval_stats.items()))
         return result
+
+
+    def _rates(self, counts: dict[str, int]) -> dict[str, float]:
+        """Diagnostic counts as shares of ``users``, summed over DDP ranks first (each rank
+        evaluates its own share of the users, as RecBole's metrics are)."""
+        names = sorted(counts)
+        if not self.config["single_spec"] and names:
+            total = torch.tensor([counts[n] for n in names], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(total)
+            counts = dict(zip(names, total.tolist()))
+        users = counts.pop("users", 0)
+        return {k: v / users for k, v in counts.items()} if users else {}
 
 
 class SafePretrainer(SafeTrainer, PretrainTrainer):
@@ -217,7 +243,7 @@ class SafePretrainer(SafeTrainer, PretrainTrainer):
 
     def pretrain(self, train_data, verbose=True, show_progress=False):
         self._fit_start = monotonic()
-        self._add_schedule(len(train_data))
+        self._add_schedule(len(train_data), self.config["pretrain_epochs"])
         try:
             super().pretrain(train_data, verbose, show_progress)
         except _BudgetExhausted:

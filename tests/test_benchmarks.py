@@ -4,6 +4,7 @@ Timings are never asserted, only that the tables have the expected rows and colu
 positive numbers. The merge of the dual-code baseline is checked exactly.
 """
 import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
@@ -124,9 +125,16 @@ def test_quality_quick(capsys):
     assert [m["model"] for m in result["models"]] == ["SASRec-CE", "PRORec"]
 
 
-def test_curves_quick_writes_table_plot_and_appends(capsys, tmp_path):
+def test_curves_quick_writes_table_plot_and_appends(capsys, tmp_path, monkeypatch):
+    from recbole_prorec.trainer import SafeTrainer
+
+    evaluated = []  # validation passes load_best_model=False; only the test split would load the best
+    original = SafeTrainer.evaluate
+    monkeypatch.setattr(SafeTrainer, "evaluate", lambda self, data, load_best_model=True, **kw: (
+        evaluated.append(load_best_model), original(self, data, load_best_model, **kw))[1])
     out = tmp_path / "curves.md"
     records = load("curves").main(["--quick", "--device", "cpu", "--out", str(out), "--models", "SASRec-CE,PRORec"])
+    assert evaluated == [False] * 4  # two validations per model, the test split never read
     text = capsys.readouterr().out
     header, rows = table_with(text, "valid ndcg@10")
     assert [(r[0], r[2]) for r in rows] == [("SASRec-CE", "0"), ("SASRec-CE", "1"), ("PRORec", "0"), ("PRORec", "1")]
@@ -140,7 +148,7 @@ def test_curves_quick_writes_table_plot_and_appends(capsys, tmp_path):
     assert all(r[header.index("gen_l1")] == "" for r in rows if r[0] == "SASRec-CE")
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(records) == 4 and "test" not in " ".join(k for r in records for k in r)
+    assert len(records) == 4 and json.loads(out.with_suffix(".json").read_text()) == records
     # --append keeps the earlier records: the "before" curve survives the "after" run
     more = load("curves").main(["--quick", "--device", "cpu", "--out", str(out), "--models", "SASRec-CE",
                                 "--tag", "after", "--append", "--epochs", "1"])

@@ -72,6 +72,7 @@ def test_beam_search_is_the_brute_force_top_k(stage2, seed, last_code_token):
     config, _, (_, _, test) = stage2
     model = randomise(make_prorec(stage2, beam_size=48, last_code_token=last_code_token), seed).eval()
     assert model.beam_size >= model.n_items - 1
+    assert len(set((model.codes[1:] >= 0).sum(1).tolist())) > 1  # codes of 2 and 3 levels are mixed
     batch = first_batch(test)
     items, scores = model.beam_search(batch)
     exact = brute_force(model, batch)
@@ -169,7 +170,7 @@ def chance_loss(model: PRORec, targets: torch.Tensor) -> float:
         return (codes >= 0).sum(1).float().mean().item() * math.log(model.K)
     nodes = model.item_nodes[targets]
     total = sum(
-        torch.where(codes[:, t] >= 0, (model.child_items[t][nodes[:, t]] != -2).sum(1).float().log(), 0.0)
+        torch.where(codes[:, t] >= 0, (getattr(model, f"child_items_{t}")[nodes[:, t]] != -2).sum(1).float().log(), 0.0)
         for t in range(model.code_len)
     )
     return total.mean().item()
@@ -224,8 +225,10 @@ def test_recbole_metrics_equal_recomputation_from_decoded_lists(stage2, tmp_path
     model.eval()
     hits = {k: [] for k in config["topk"]}
     gains = {k: [] for k in config["topk"]}
+    first_code = []
     for batch, _history, _pos_u, pos_i in test:
         items, _ = model.beam_search(batch)
+        first_code += (model.codes[items, 0] == model.codes[pos_i, 0][:, None]).any(1).tolist()
         for row, target in zip(items.tolist(), pos_i.tolist()):
             rank = row.index(target) + 1 if target in row else None
             for k in config["topk"]:
@@ -237,7 +240,7 @@ def test_recbole_metrics_equal_recomputation_from_decoded_lists(stage2, tmp_path
     assert sum(hits[20]) > 0, "no hit at all: the comparison would be vacuous"
     # the evaluation's diagnostics: with beam 20 = top 20, "target in the beam" is recall@20
     assert trainer._last_eval_stats["item_in_beam"] == pytest.approx(sum(hits[20]) / n_users)
-    assert trainer._last_eval_stats["first_code_in_beam"] >= trainer._last_eval_stats["item_in_beam"]
+    assert trainer._last_eval_stats["first_code_in_beam"] == pytest.approx(sum(first_code) / n_users)
     for k in config["topk"]:
         assert result[f"recall@{k}"] == pytest.approx(sum(hits[k]) / n_users, abs=1e-4)
         assert result[f"ndcg@{k}"] == pytest.approx(sum(gains[k]) / n_users, abs=1e-4)
@@ -318,9 +321,10 @@ def test_item_scores_are_the_same_with_and_without_gradients(stage2):
     batch = first_batch(test)
     targets = batch[model.ITEM_ID]
     with torch.no_grad():
-        grouped = model.teacher_forced(batch, targets)[0]
+        grouped, codes, _ = model.teacher_forced(batch, targets)
     dense = model.teacher_forced(batch, targets)[0]
-    assert dense.requires_grad and torch.isfinite(grouped).any(-1).all()
+    assert dense.requires_grad
+    assert (grouped > torch.finfo(grouped.dtype).min).any(-1)[codes >= 0].all()  # each real position scores children
     torch.testing.assert_close(grouped, dense.detach(), rtol=1e-5, atol=1e-5)
 
 
@@ -332,17 +336,18 @@ def test_unknown_last_code_token_is_refused(stage2):
 def test_beam_diagnostics_count_first_codes_and_targets(stage2):
     _, _, (_, _, test) = stage2
     model = randomise(make_prorec(stage2, beam_size=20), 8).eval()
-    assert model.pop_eval_stats() == {}
+    empty = {"users": 0, "first_code_in_beam": 0, "item_in_beam": 0}
+    assert model.pop_eval_counts() == empty
     batch = first_batch(test)
     targets = batch[model.ITEM_ID]
     model.full_sort_predict(batch)
     items, _ = model.beam_search(batch)
-    stats = model.pop_eval_stats()
-    first = (model.codes[items, 0] == model.codes[targets, 0][:, None]).any(1).float().mean().item()
-    hit = (items == targets[:, None]).any(1).float().mean().item()
-    assert stats == pytest.approx({"first_code_in_beam": first, "item_in_beam": hit})
-    assert 0 < stats["first_code_in_beam"] <= 1 and stats["item_in_beam"] <= stats["first_code_in_beam"]
-    assert model.pop_eval_stats() == {}  # counts start again after each pop
+    counts = model.pop_eval_counts()
+    first = (model.codes[items, 0] == model.codes[targets, 0][:, None]).any(1)
+    hit = (items == targets[:, None]).any(1)
+    assert counts == {"users": len(targets), "first_code_in_beam": int(first.sum()), "item_in_beam": int(hit.sum())}
+    assert 0 < counts["item_in_beam"] < counts["first_code_in_beam"]  # the two diagnostics differ here
+    assert model.pop_eval_counts() == empty  # counts start again after each pop
 
 
 # --------------------------------------------------------------------------- bad input

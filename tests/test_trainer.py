@@ -46,18 +46,63 @@ def test_fit_follows_the_schedule_and_records_a_curve(stage2, tmp_path, schedule
     try:
         model = make_prorec(stage2)
         trainer = SafeTrainer(config, model)
+        rates = []
+        trainer.optimizer.register_step_pre_hook(lambda opt, *_: rates.append(opt.param_groups[0]["lr"]))
         trainer.fit(train, valid, saved=True)
     finally:
         config.final_config_dict.update(saved)
     steps = 2 * len(train)
-    expected = config["learning_rate"] * lr_factor(steps, 3, schedule, steps, 0.2)
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+    base = config["learning_rate"]
+    assert rates == pytest.approx([base * lr_factor(k, 3, schedule, steps, 0.2) for k in range(steps)])
+    assert rates[0] == pytest.approx(base / 3) and max(rates) == pytest.approx(base)
+    assert trainer.lr_step == steps
     if schedule == "cosine":  # decays over exactly the run's epochs
-        assert expected == pytest.approx(0.2 * config["learning_rate"])
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * base)
     assert [entry["epoch"] for entry in trainer.curve] == [0, 1]
     for entry in trainer.curve:
         assert set(model.loss_names) <= set(entry) and all(math.isfinite(entry[n]) for n in model.loss_names)
         assert 0 <= entry["ndcg@10"] <= entry["recall@10"] <= 1
-        assert 0 <= entry["item_in_beam"] <= entry["first_code_in_beam"] <= 1
+        assert 0 <= entry["item_in_beam"] <= 1 and 0 <= entry["first_code_in_beam"] <= 1
         assert entry["elapsed_s"] >= entry["train_s"] > 0
     assert trainer.curve[1]["train_s"] > trainer.curve[0]["train_s"]
+
+
+def test_resumed_run_goes_on_with_the_schedule(stage2, tmp_path):
+    """A resumed run continues the learning-rate schedule where the checkpoint left it."""
+    config, _, (train, valid, _) = stage2
+    changes = {"lr_scheduler": "inverse_sqrt", "warmup_steps": 2, "epochs": 1, "eval_step": 1,
+               "checkpoint_dir": str(tmp_path)}
+    saved = {k: config[k] for k in changes}
+    config.final_config_dict.update(changes)
+    try:
+        first = SafeTrainer(config, make_prorec(stage2))
+        first.fit(train, valid, saved=True)
+        config["epochs"] = 2
+        second = SafeTrainer(config, make_prorec(stage2))
+        second.resume_checkpoint(first.saved_model_file)
+        rates = []
+        second.optimizer.register_step_pre_hook(lambda opt, *_: rates.append(opt.param_groups[0]["lr"]))
+        second.fit(train, valid, saved=True)
+    finally:
+        config.final_config_dict.update(saved)
+    n = len(train)
+    assert second.lr_step == 2 * n and [e["epoch"] for e in second.curve] == [1]
+    base = config["learning_rate"]
+    assert rates == pytest.approx([base * lr_factor(n + k, 2, "inverse_sqrt", 2 * n) for k in range(n)])
+
+
+def test_checkpoint_of_the_other_last_code_form_is_named(stage2, tmp_path):
+    config, _, (train, valid, _) = stage2
+    changes = {"epochs": 1, "checkpoint_dir": str(tmp_path)}
+    saved = {k: config[k] for k in changes}
+    config.final_config_dict.update(changes)
+    try:
+        trainer = SafeTrainer(config, make_prorec(stage2))
+        trainer.fit(train, valid, saved=True)
+        config["last_code_token"] = "shared"
+        other = SafeTrainer(config, make_prorec(stage2, last_code_token="shared"))
+        with pytest.raises(ValueError, match="last_code_token='item'"):
+            other.evaluate(valid, load_best_model=True, model_file=trainer.saved_model_file)
+    finally:
+        config["last_code_token"] = "item"
+        config.final_config_dict.update(saved)

@@ -138,7 +138,8 @@ def test_stage1_key_follows_stage1_settings(stage1_folder, tiny_overrides):
                  {"hidden_size": 64, "beam_size": 30}, {"load_checkpoint": "x.pth", "state": "warning"},
                  # Stage II's training loop, as benchmarks/curves.py sets it
                  {"epochs": 7, "eval_step": 1, "stopping_step": 8, "weight_decay": 0.1, "learner": "adamw",
-                  "lr_scheduler": "cosine", "warmup_steps": 100, "clip_grad_norm": {"max_norm": 1.0}}):
+                  "lr_scheduler": "cosine", "warmup_steps": 100, "clip_grad_norm": {"max_norm": 1.0},
+                  "lr_decay_steps": 1000, "lr_min_ratio": 0.1}):
         assert stage1_key(stage1_config(DATASET, [], tiny_overrides(**kept))) == key, kept
 
 

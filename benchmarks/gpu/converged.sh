@@ -43,7 +43,9 @@ start=$(date +%s)
 python3 run_recbole_prorec.py --model=PRORec,SASRec-CE --dataset="$DATASET" "${data[@]}" "${extra[@]}" \
   --show_progress=False --epochs="$EPOCHS" --train_time_budget="$BUDGET" \
   --stage1="{'epochs': 100, 'train_time_budget': $STAGE1_BUDGET}" \
-  --results_file="$OUT/converged_$DATASET.md" 2>&1 | tee "$OUT/converged.log" | grep -E "epoch|test result|^\|" || true
+  --results_file="$OUT/converged_$DATASET.md" > "$OUT/converged.log" 2>&1 || {
+  tail -n 40 "$OUT/converged.log"; echo "the runner failed: see $OUT/converged.log"; exit 1; }
+grep -E "epoch [0-9]+ (training|evaluating)|diagnostics|test result|^\|" "$OUT/converged.log" || true
 echo "PRORec and SASRec-CE: $(( $(date +%s) - start )) s"
 python3 benchmarks/decode.py "${decode[@]}" --out "$OUT/decode.md" | tail -n 25
 cp log/PRORec/*.log log/PRORecDIN/*.log "$OUT/" 2>/dev/null || true
