@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     report.add(
         f"Dataset {args.dataset}{' (quick subset)' if args.quick else ''}; validation after every epoch (test split "
         "not read); train s: seconds in training epochs so far; elapsed s: training and validation so far. "
-        "Loss columns are means per batch of the last epoch (PRORec: generation loss per code level, IKD). "
+        "Loss columns are that epoch's mean training losses per batch (PRORec: generation loss per code level, IKD). "
         "first_code_in_beam / item_in_beam: share of validation users whose target's first code / the "
         "target itself is among the final beam's items.\n\n" + curve_table(records)
     )

@@ -1,9 +1,10 @@
 """PRORec Stage II: Transformer encoder-decoder that generates the next item's unicode.
 
 Loss = L_GR + mu * L_IKD (paper eq. 8). L_GR is the cross-entropy of each code token of the target
-(eq. 6, summed over code positions, padding excluded), reported per level (``gen_l1``, ...). L_IKD (eq. 7) contrasts the decoder's final
-state at a learnable [IKD] token appended after the code tokens with the target's Stage-I integrated
-embedding (positive) and ``ikd_negatives`` other items' embeddings (negatives).
+(eq. 6, summed over code positions, padding excluded), reported per level (``gen_l1``, ...).
+L_IKD (eq. 7) contrasts the decoder's final state at a learnable [IKD] token appended after the
+code tokens with the target's Stage-I integrated embedding (positive) and ``ikd_negatives`` other
+items' embeddings (negatives).
 Inference is a beam search constrained to real codes; ``full_sort_predict`` returns the beam scores
 of the decoded items and -inf elsewhere, so RecBole's own metrics apply unchanged.
 

@@ -6,8 +6,9 @@
 #   bash benchmarks/gpu/converged.sh                           # there, carrying .carry; writes $OUT (or results/gpu)
 #   bash benchmarks/gpu/converged.sh --quick                   # any CPU: ml-100k, tiny budgets, the same steps
 #
-# Budgets (seconds, environment variables): STAGE1_BUDGET (Stage I DIN), BUDGET (each model's Stage II
-# training + validation; no epoch starts after it), EPOCHS (cap). Early stopping: properties/overall.yaml.
+# Budgets (seconds, environment variables): STAGE1_BUDGET (Stage I DIN, validated on 100 sampled items per
+# user, stops after 3 epochs without gain), BUDGET (each model's Stage II training + validation; no epoch
+# starts after it), EPOCHS (cap). Stage II's early stopping: properties/overall.yaml.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-results/gpu}
@@ -15,10 +16,12 @@ mkdir -p "$OUT"
 quick=0; [ "${1:-}" = "--quick" ] && quick=1
 if [ $quick = 1 ]; then
   DATASET=${DATASET:-ml-100k}; STAGE1_BUDGET=${STAGE1_BUDGET:-20}; BUDGET=${BUDGET:-20}; EPOCHS=${EPOCHS:-1}
-  extra=(--gpu_id= --MAX_ITEM_LIST_LENGTH=5 --user_inter_num_interval="[20,41)")
+  tmp=$(mktemp -d)  # Stage I output and checkpoints of a smoke run stay out of saved/
+  extra=(--gpu_id= --MAX_ITEM_LIST_LENGTH=5 --user_inter_num_interval="[20,41)" --unicode_dir="$tmp/unicode"
+         --checkpoint_dir="$tmp/saved")
   decode=(--quick --device cpu)
 else
-  DATASET=${DATASET:-Amazon_Beauty}; STAGE1_BUDGET=${STAGE1_BUDGET:-100}; BUDGET=${BUDGET:-180}; EPOCHS=${EPOCHS:-300}
+  DATASET=${DATASET:-Amazon_Beauty}; STAGE1_BUDGET=${STAGE1_BUDGET:-100}; BUDGET=${BUDGET:-150}; EPOCHS=${EPOCHS:-300}
   extra=()
   decode=(--device cuda --no-dual)
 fi
@@ -38,11 +41,13 @@ if [ -d ".carry/datasets/$DATASET" ]; then  # gzipped atomic files and precomput
   for f in ".carry/datasets/$DATASET"/*.gz; do gunzip -c "$f" > "/tmp/datasets/$DATASET/$(basename "${f%.gz}")"; done
   data=(--data_path=/tmp/datasets --semantic_embedding_file=".carry/$DATASET.semantic.npy")
 fi
+# Stage I stops on a cheap validation signal: its DIN ranks each validation target among 100 sampled items
+SAMPLED_VALID="'eval_args': {'split': {'LS': 'valid_and_test'}, 'order': 'TO', 'group_by': 'user', 'mode': {'valid': 'uni100', 'test': 'full'}}"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore  # RecBole 1.2.1 warns on every pandas call
 start=$(date +%s)
 python3 run_recbole_prorec.py --model=PRORec,SASRec-CE --dataset="$DATASET" "${data[@]}" "${extra[@]}" \
   --show_progress=False --epochs="$EPOCHS" --train_time_budget="$BUDGET" \
-  --stage1="{'epochs': 100, 'train_time_budget': $STAGE1_BUDGET}" \
+  --stage1="{'epochs': 100, 'train_time_budget': $STAGE1_BUDGET, 'eval_step': 1, 'stopping_step': 3, $SAMPLED_VALID}" \
   --results_file="$OUT/converged_$DATASET.md" > "$OUT/converged.log" 2>&1 || {
   tail -n 40 "$OUT/converged.log"; echo "the runner failed: see $OUT/converged.log"; exit 1; }
 grep -E "epoch [0-9]+ (training|evaluating)|diagnostics|test result|^\|" "$OUT/converged.log" || true
