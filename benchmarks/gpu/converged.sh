@@ -53,4 +53,4 @@ python3 run_recbole_prorec.py --model=PRORec,SASRec-CE --dataset="$DATASET" "${d
 grep -E "epoch [0-9]+ (training|evaluating)|diagnostics|test result|^\|" "$OUT/converged.log" || true
 echo "PRORec and SASRec-CE: $(( $(date +%s) - start )) s"
 python3 benchmarks/decode.py "${decode[@]}" --out "$OUT/decode.md" | tail -n 25
-cp log/PRORec/*.log log/PRORecDIN/*.log "$OUT/" 2>/dev/null || true
+find log -name "*.log" -newer "$OUT/environment.txt" -exec cp {} "$OUT/" \;  # this run's logs only
