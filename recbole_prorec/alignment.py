@@ -164,10 +164,15 @@ class PRORecDIN(SequentialRecommender):
 def load_semantic(config, dataset) -> np.ndarray:
     """Semantic embedding per internal item id; row 0 (padding) is zeros."""
     tokens = list(dataset.field2id_token[config["ITEM_ID_FIELD"]])
-    data_dir = Path(config["data_path"])
-    emb = item_semantic_embeddings(
-        data_dir / f"{config['dataset']}.item",
-        tokens[1:],
+    emb = semantic_embeddings(config, Path(config["data_path"]) / f"{config['dataset']}.item", tokens[1:])
+    return np.vstack([np.zeros((1, emb.shape[1]), dtype=np.float32), emb])
+
+
+def semantic_embeddings(config, item_file: Path, tokens: list[str]) -> np.ndarray:
+    """Embeddings [len(tokens), d] of the items' texts, as the config's semantic keys ask for them."""
+    return item_semantic_embeddings(
+        item_file,
+        tokens,
         columns=list(config["text_columns"]),
         template=config["text_template"],
         encoder=config["semantic_encoder"],
@@ -181,4 +186,3 @@ def load_semantic(config, dataset) -> np.ndarray:
         id_field=config["ITEM_ID_FIELD"],
         show_progress=config["show_progress"],
     )
-    return np.vstack([np.zeros((1, emb.shape[1]), dtype=np.float32), emb])

@@ -76,13 +76,20 @@ class CodeTrie:
         self.blocked.append(torch.cat([table < 0, finished]))
         self.leaf_item.append(leaf)
 
-    def node_of(self, prefix: Tensor) -> Tensor:
-        """Node [N] reached by each row of ``prefix`` [N, t]; a row that leaves the trie (a finished
-        beam's filler codes) ends at node 0, a valid row index for the next step's tables."""
-        node = torch.zeros(prefix.shape[0], dtype=torch.long, device=prefix.device)
-        for t in range(prefix.shape[1]):
-            node = self.children[t][node, prefix[:, t]].clamp(min=0)
-        return node
+    def node_path(self, codes: Tensor) -> Tensor:
+        """Nodes [N, t+1] visited by each row of ``codes`` [N, t] from the root (column d: depth d).
+        A row that leaves the trie (padding -1, a finished beam's filler codes) goes on at node 0,
+        a valid row index for the next depth's tables."""
+        path = [torch.zeros(codes.shape[0], dtype=torch.long, device=codes.device)]
+        for t in range(codes.shape[1]):
+            path.append(self.children[t][path[-1], codes[:, t].clamp(min=0)].clamp(min=0))
+        return torch.stack(path, dim=1)
+
+    def child_items(self, depth: int) -> Tensor:
+        """[n_nodes(depth), K]: the item each child completes, -1 for an inner child, -2 for none."""
+        children = self.children[depth]
+        leaf = self.leaf_item[depth + 1][children.clamp(min=0)]
+        return torch.where(children >= 0, leaf, torch.full_like(leaf, -2))
 
     def to(self, device: torch.device | str) -> "CodeTrie":
         """Move all tables to ``device`` (in place, returns self like ``nn.Module.to``)."""

@@ -207,10 +207,15 @@ class PRORec(SequentialRecommender):
         vocab = self.item_offset + (self.n_items if self.item_level else 0)
         self.token_embedding = nn.Embedding(vocab, self.hidden, padding_idx=0)
         self.register_buffer("item_tokens", self._item_tokens(codes), persistent=False)
-        self.register_buffer("item_nodes", self._item_nodes(codes), persistent=False)
+        # the trie node each code position of each item chooses among the children of
+        self.register_buffer("item_nodes", self.trie.node_path(codes)[:, :-1], persistent=False)
+        self.leaf_levels: set[int] = set()  # levels where some child completes an item
         if self.item_level:  # buffers, so they follow the model across devices
             for level in range(self.code_len):
-                self.register_buffer(f"child_items_{level}", self._child_items(level), persistent=False)
+                child_items = self.trie.child_items(level)
+                self.register_buffer(f"child_items_{level}", child_items, persistent=False)
+                if bool((child_items >= 0).any()):
+                    self.leaf_levels.add(level)
         self.item_bias = nn.Parameter(torch.zeros(self.n_items)) if self.item_level else None
         self.item_position = nn.Embedding(self.max_seq_length, self.hidden)
         self.decoder_position = nn.Embedding(self.code_len + 2, self.hidden)
@@ -259,21 +264,6 @@ class PRORec(SequentialRecommender):
             tokens[items[1:], last[1:]] = self.item_offset + items[1:]
         return tokens
 
-    def _item_nodes(self, codes: torch.Tensor) -> torch.Tensor:
-        """Trie node [n_items, L] whose children position t of each item's code chooses among."""
-        nodes = torch.zeros_like(codes)
-        node = torch.zeros(len(codes), dtype=torch.long)
-        for t in range(self.code_len):
-            nodes[:, t] = node
-            node = self.trie.children[t][node, codes[:, t].clamp(min=0)].clamp(min=0)
-        return nodes
-
-    def _child_items(self, level: int) -> torch.Tensor:
-        """[n_nodes, K]: the item a child completes (-2: no child, -1: inner node)."""
-        children = self.trie.children[level]
-        leaf = self.trie.leaf_item[level + 1][children.clamp(min=0)]
-        return torch.where(children >= 0, leaf, torch.full_like(leaf, -2))
-
     def encode(self, interaction) -> tuple[list[torch.Tensor], torch.Tensor]:
         """User history as unicode tokens -> each decoder layer's cross-attention keys/values
         [B, N', 2H] and their mask [B, 1, 1, N'] (computed once per user, reused by every step)."""
@@ -317,7 +307,7 @@ class PRORec(SequentialRecommender):
             # the most negative finite value, not -inf: a row whose node has no children (a padding
             # position of a shorter code, a beam that has just finished) must not turn into NaN
             level = logits[:, t].masked_fill(items == -2, torch.finfo(logits.dtype).min)
-            if bool((items >= 0).any()):
+            if first_level + t in self.leaf_levels:
                 own = self._item_logits(states[:, t], nodes[:, t], first_level + t)
                 level = torch.where(items >= 0, own, level)
             levels.append(level)
@@ -390,7 +380,7 @@ class PRORec(SequentialRecommender):
             # an unfinished beam's prefix holds inner nodes only, whose tokens are level tokens
             tokens = torch.cat([bos, self.code_tokens(prefix)], dim=1).view(B, W, -1)
             last = self.decode(tokens, memory, memory_mask)[:, :, -1].reshape(B * W, 1, -1)
-            node = self.trie.node_of(prefix)[:, None]
+            node = self.trie.node_path(prefix)[:, -1:]  # at most code length - 1 table lookups
             return self.level_logits(last, node, prefix.shape[1])[:, 0].log_softmax(-1)
 
         return constrained_beam_search(step, self.trie, B, W)

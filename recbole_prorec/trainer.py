@@ -82,7 +82,7 @@ class SafeTrainer(Trainer):
         self._fit_start = 0.0
         self._batches_per_epoch = 1
         self._epoch = -1
-        self._epoch_losses: tuple = ()
+        self._epoch_losses: tuple | float = ()
         self._last_eval_stats: dict[str, float] = {}
         self._scheduled = False
         self.lr_step = 0  # optimizer steps taken, saved in checkpoints so a resumed schedule goes on
@@ -128,26 +128,29 @@ class SafeTrainer(Trainer):
         self.train_time += monotonic() - start
         self.epochs_run += 1
         self._epoch = epoch_idx
-        self._epoch_losses = loss if isinstance(loss, tuple) else (loss,)
+        self._epoch_losses = loss
         return loss
+
+    def _mean_losses(self, losses) -> dict[str, float]:
+        """An epoch's summed losses as means per batch, named by the model's ``loss_names`` (a single
+        loss is ``loss``); empty when the names do not match the parts."""
+        losses = losses if isinstance(losses, tuple) else (losses,)
+        names = getattr(self.model, "loss_names", None) or ("loss",)
+        if len(names) != len(losses):
+            return {}
+        return {name: float(loss) / max(1, self._batches_per_epoch) for name, loss in zip(names, losses)}
 
     def _valid_epoch(self, valid_data, show_progress=False):
         score, result = super()._valid_epoch(valid_data, show_progress)
-        names = getattr(self.model, "loss_names", None) or ("loss",)
         entry = {"epoch": self._epoch, "train_s": self.train_time, "elapsed_s": monotonic() - self._fit_start}
-        if len(names) == len(self._epoch_losses):
-            entry.update({n: float(v) / max(1, self._batches_per_epoch) for n, v in zip(names, self._epoch_losses)})
-        self.curve.append({**entry, **self._last_eval_stats, **dict(result)})
+        self.curve.append({**entry, **self._mean_losses(self._epoch_losses), **self._last_eval_stats, **dict(result)})
         return score, result
 
     def _generate_train_loss_output(self, epoch_idx, s_time, e_time, losses):
-        names = getattr(self.model, "loss_names", None)
-        if not isinstance(losses, tuple) or not names or len(names) != len(losses):
+        means = self._mean_losses(losses) if isinstance(losses, tuple) else {}
+        if not means:
             return super()._generate_train_loss_output(epoch_idx, s_time, e_time, losses)
-        n_batches = max(1, self._batches_per_epoch)
-        parts = ", ".join(
-            set_color(name, "blue") + f": {loss / n_batches:.4f}" for name, loss in zip(names, losses)
-        )
+        parts = ", ".join(set_color(name, "blue") + f": {loss:.4f}" for name, loss in means.items())
         return (
             set_color("epoch %d training", "green") % epoch_idx
             + " ["
@@ -204,14 +207,18 @@ class SafeTrainer(Trainer):
         self.model.load_state_dict(checkpoint["state_dict"])
         self.model.load_other_parameter(checkpoint.get("other_parameter"))
 
+    def load_best(self, model_file: str | None = None) -> None:
+        """Load the best checkpoint's weights (``model_file``, else this run's) into the model."""
+        if not self.config["single_spec"]:
+            torch.distributed.barrier()  # wait until rank 0 has written the checkpoint
+        checkpoint_file = model_file or self.saved_model_file
+        self._load_state(load_checkpoint(checkpoint_file, self.device))
+        self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
+
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if eval_data and load_best_model:
-            if not self.config["single_spec"]:
-                torch.distributed.barrier()  # wait until rank 0 has written the checkpoint
-            checkpoint_file = model_file or self.saved_model_file
-            self._load_state(load_checkpoint(checkpoint_file, self.device))
-            self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
+            self.load_best(model_file)
         pop_counts = getattr(self.model, "pop_eval_counts", None)
         if pop_counts:
             pop_counts()  # drop counts left from outside an evaluation

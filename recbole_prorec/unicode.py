@@ -30,7 +30,7 @@ from recbole_prorec.config import RUNNER_KEYS, ModelSpec, ProjectConfig, plain_c
 from recbole_prorec.data import UNICODE_FIELD, check_columns, embedding_files, read_header
 from recbole_prorec.logs import start_log
 from recbole_prorec.quantize import Codes, quantize
-from recbole_prorec.trainer import SafeTrainer, load_checkpoint
+from recbole_prorec.trainer import SafeTrainer
 
 FUSIONS = ("prorec", "collab_only", "semantic_only", "concat")
 # Keys that cannot change Stage I's output: where files go, logging, devices, evaluation batching.
@@ -142,7 +142,7 @@ def train_din(config, data, report: dict) -> PRORecDIN:
     report["train_seconds"] = trainer.train_time
     report["epochs"] = trainer.epochs_run
     if trainer.curve:  # validated: quantize the best epoch's embeddings, not the last epoch's
-        trainer._load_state(load_checkpoint(trainer.saved_model_file, config["device"]))
+        trainer.load_best()
         report.update(best_epoch=trainer.best_epoch, valid=dict(trainer.best_valid_result), curve=trainer.curve)
         logger.info(f"Stage I: best validation epoch {trainer.best_epoch}: {dict(trainer.best_valid_result)}")
     if config["stage1_evaluate"]:

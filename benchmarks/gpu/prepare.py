@@ -55,21 +55,14 @@ def pack_dataset(dataset: str, target: Path) -> Path:
 
 def export_embeddings(dataset: str, source: Path, out: Path) -> None:
     """The semantic embeddings PRORec's Stage I would compute, one row per ``.item`` row."""
+    from recbole_prorec.alignment import PRORecDIN, semantic_embeddings
     from recbole_prorec.config import ModelSpec, ProjectConfig
-    from recbole_prorec.alignment import PRORecDIN
-    from recbole_prorec.semantic import item_semantic_embeddings, read_item_table
+    from recbole_prorec.semantic import read_item_table
 
     config = ProjectConfig(ModelSpec("PRORecDIN", PRORecDIN), dataset, (), {"show_progress": False, "gpu_id": ""})
     item_file = source / f"{dataset}.item"
     tokens = list(read_item_table(item_file, config["ITEM_ID_FIELD"])[config["ITEM_ID_FIELD"]])
-    emb = item_semantic_embeddings(
-        item_file, tokens, columns=list(config["text_columns"]), template=config["text_template"],
-        encoder=config["semantic_encoder"], pooling=config["semantic_pooling"],
-        batch_size=config["semantic_batch_size"], max_length=config["semantic_max_length"], device="cpu",
-        dtype=config["semantic_dtype"], cache_dir=Path(config["semantic_cache_dir"]),
-        id_field=config["ITEM_ID_FIELD"], show_progress=False,
-    )
-    np.save(out, emb.astype(np.float32))
+    np.save(out, semantic_embeddings(config, item_file, tokens).astype(np.float32))
 
 
 def main() -> None:
