@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import recbole
 import torch
 import yaml
@@ -229,6 +230,14 @@ class ProjectConfig(Config):
         check_types(defaults, self.cmd_config_dict, "the command line")
         if self._apply_block:
             check_types(defaults, self.final_config_dict.get(self._apply_block) or {}, f"'{self._apply_block}'")
+
+    def compatibility_settings(self) -> None:
+        # RecBole's own version assigns np.float = np.float_ (gone in NumPy 2) and friends; its metrics
+        # still read these aliases, so set them from names that NumPy 1 and 2 both have.
+        aliases = {"bool": np.bool_, "int": np.int_, "float": np.float64, "complex": np.complex128,
+                   "object": np.object_, "str": np.str_, "long": np.int_, "unicode": np.str_}
+        for name, value in aliases.items():
+            setattr(np, name, value)
 
     def _init_device(self) -> None:
         # RecBole's DDP hard-codes NCCL and CUDA; on a CPU-only machine use gloo instead.

@@ -33,6 +33,16 @@ def test_protocol_layers_and_ce_negatives():
     assert bpr["train_neg_sample_args"]["sample_num"] == 1
 
 
+def test_config_runs_without_numpy1_aliases(monkeypatch):
+    """NumPy 2 removed np.float_ and friends, which RecBole's own compatibility step reads."""
+    import numpy as np
+
+    for removed in ("float_", "complex_", "unicode_"):
+        monkeypatch.delattr(np, removed, raising=False)
+    ProjectConfig(resolve_model("SASRec-CE"), "ml-100k")
+    assert np.float is np.float64 and np.long is np.int_ and np.unicode is np.str_  # RecBole's metrics read them
+
+
 def test_dataset_yaml_overrides_model_defaults():
     config = ProjectConfig(resolve_model("PRORec"), "ml-100k")
     assert config["text_columns"] == ["movie_title", "release_year", "class"]

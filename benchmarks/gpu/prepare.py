@@ -1,7 +1,8 @@
 """Pack what ``benchmarks/gpu/converged.sh`` needs on a bare GPU machine into ``.carry/`` (ignored).
 
-The lent H200 has Python 3.12 and a CUDA torch but neither recbole, numpy<2, pandas<2.3 nor our text
-encoder, and nothing can be downloaded there. This writes, in the repository root:
+The lent H200 has Python 3.12, a CUDA torch and NumPy 2 (its SciPy needs it; ``ProjectConfig`` makes
+RecBole run on it) but neither recbole, pandas<2.3 nor our text encoder, and nothing can be downloaded
+there. This writes, in the repository root:
 
 - ``.carry/wheels/``: cp312 manylinux wheels of recbole 1.2.1 and those of its imports the machine
   lacks (``pip download``, so it needs the package registry here);
@@ -26,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 CARRY = ROOT / ".carry"
 # what recbole_prorec imports and the machine's image lacks, in versions recbole 1.2.1 accepts
-WHEELS = ["recbole==1.2.1", "numpy==1.26.4", "pandas==2.2.3", "pytz==2025.2", "tzdata==2025.2", "colorlog==6.9.0",
+WHEELS = ["recbole==1.2.1", "pandas==2.2.3", "pytz==2025.2", "tzdata==2025.2", "colorlog==6.9.0",
           "texttable==1.7.0"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "any"]
 LIMIT_MIB = 64  # the device tool carries the working tree plus carried paths up to this size
