@@ -217,6 +217,12 @@ class PRORec(SequentialRecommender):
                 if bool((child_items >= 0).any()):
                     self.leaf_levels.add(level)
         self.item_bias = nn.Parameter(torch.zeros(self.n_items)) if self.item_level else None
+        self.integrated_item_tokens = self.item_level and config["integrated_item_tokens"]
+        if self.ikd_weight or self.integrated_item_tokens:
+            integrated = load_integrated(dataset, Path(config["data_path"]))
+            self.register_buffer("integrated", integrated, persistent=False)
+        if self.integrated_item_tokens:
+            self.integrated_proj = nn.Linear(self.integrated.shape[1], self.hidden, bias=False)
         self.item_position = nn.Embedding(self.max_seq_length, self.hidden)
         self.decoder_position = nn.Embedding(self.code_len + 2, self.hidden)
         sizes = (self.hidden, config["n_heads"], config["inner_size"], config["dropout_prob"], config["attn_dropout_prob"])
@@ -227,9 +233,7 @@ class PRORec(SequentialRecommender):
         self.dropout = nn.Dropout(config["dropout_prob"])
         self.head = nn.Linear(self.hidden, self.code_len * self.K)  # one K-way classifier per level
         if self.ikd_weight:
-            integrated = load_integrated(dataset, Path(config["data_path"]))
-            self.register_buffer("integrated", integrated, persistent=False)
-            self.ikd_proj = nn.Linear(self.hidden, integrated.shape[1])
+            self.ikd_proj = nn.Linear(self.hidden, self.integrated.shape[1])
         self.beam_stats: Counter = Counter()
         self.apply(self._init_weights)
 
@@ -249,6 +253,20 @@ class PRORec(SequentialRecommender):
             nn.init.normal_(module.weight, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    def token_table(self) -> torch.Tensor:
+        """Embeddings [vocab, H] of every token. With ``integrated_item_tokens`` an item's own token
+        is its free embedding plus a learned projection of its Stage-I integrated embedding: items
+        seldom seen in training (the many rare test targets) still get a token informed by their
+        text and collaborative neighbours instead of one that was only ever pushed down."""
+        table = self.token_embedding.weight
+        if not self.integrated_item_tokens:
+            return table
+        items = table[self.item_offset :] + self.integrated_proj(self.integrated)
+        return torch.cat([table[: self.item_offset], items])
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.token_table(), padding_idx=0)
 
     def code_tokens(self, codes: torch.Tensor) -> torch.Tensor:
         """Code values [..., L] -> level token ids (level-specific vocabulary; -1 -> padding 0)."""
@@ -273,7 +291,7 @@ class PRORec(SequentialRecommender):
         recency = (seq_len[:, None] - 1 - torch.arange(seq.shape[1], device=seq.device)).clamp(min=0)
         real = tokens != 0
         packed = Packed(real.flatten(1))
-        x = self.token_embedding(tokens[real]) + self.item_position(recency[:, :, None].expand_as(tokens)[real])
+        x = self.embed(tokens[real]) + self.item_position(recency[:, :, None].expand_as(tokens)[real])
         x = self.dropout(x)
         for layer in self.encoder:
             x = layer(x, packed)
@@ -284,7 +302,7 @@ class PRORec(SequentialRecommender):
     def decode(self, tokens: torch.Tensor, memory: list[torch.Tensor], memory_mask: torch.Tensor) -> torch.Tensor:
         """Causal decoder states [B, W, T, H] for ``tokens`` [B, W, T] (W beams share a memory row)."""
         B, W, T = tokens.shape
-        x = self.dropout(self.token_embedding(tokens) + self.decoder_position.weight[:T])
+        x = self.dropout(self.embed(tokens) + self.decoder_position.weight[:T])
         causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
         self_mask = (causal & (tokens != 0).view(B * W, 1, T))[:, None]  # [B*W, 1, T, T] True = attend
         for layer, kv in zip(self.decoder, memory):
@@ -320,7 +338,7 @@ class PRORec(SequentialRecommender):
         gathering [N, K, H] embeddings is a slow scatter); without, one [rows, H] x [H, K] product
         per distinct node (beams crowd into few clusters), which never forms [N, n_items]; on a GPU
         that is a few hundred small products per step, fine at beam 20 (decode.py measures it)."""
-        table = self.token_embedding.weight[self.item_offset :]
+        table = self.token_table()[self.item_offset :]
         children = getattr(self, f"child_items_{level}").clamp(min=0)
         if torch.is_grad_enabled():
             return (states @ table.T + self.item_bias).gather(1, children[nodes])

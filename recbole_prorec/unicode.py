@@ -40,6 +40,8 @@ IGNORED_KEYS = {
     "dataloaders_save_path", "save_dataset", "save_dataloaders", "eval_batch_size", "gpu_id", "use_gpu",
     "local_rank", "single_spec", "worker", "state", "show_progress", "log_wandb", "wandb_project",
     "loss_decimal_place", "metric_decimal_place", "model_label", "load_checkpoint",
+    # where the inputs lie; their bytes are hashed instead (stage1_key)
+    "data_path", "semantic_embedding_file",
 }
 
 
@@ -52,10 +54,12 @@ def stage1_config(dataset: str, config_files: Sequence[str], overrides: Mapping[
 
 
 def stage1_key(config: ProjectConfig) -> str:
-    """Hash of what Stage I's output depends on: its configuration and its input files.
+    """Hash of what Stage I's output depends on: its configuration and the bytes of its input files.
 
-    Keys without a default for Stage I's model (Stage II's ``hidden_size``, say) are left out."""
-    known = config.known_keys | {"dataset", "data_path"}
+    Keys without a default for Stage I's model (Stage II's ``hidden_size``, say) are left out, and
+    so are the input files' paths and dates: a copy of the dataset elsewhere (another machine, a
+    fresh checkout) reuses the same Stage I output, an edited file does not."""
+    known = config.known_keys | {"dataset"}
     relevant = {k: v for k, v in plain_config(config).items() if k in known and k not in IGNORED_KEYS}
     folder = Path(config["data_path"])
     inputs = {suffix: folder / f"{config['dataset']}.{suffix}" for suffix in ("inter", "item")}
@@ -63,8 +67,8 @@ def stage1_key(config: ProjectConfig) -> str:
         inputs["semantic_embedding_file"] = Path(config["semantic_embedding_file"])
     for name, path in inputs.items():
         if path.is_file():
-            stat = path.stat()
-            relevant[f"file.{name}"] = [stat.st_size, stat.st_mtime_ns]
+            with path.open("rb") as f:
+                relevant[f"file.{name}"] = hashlib.file_digest(f, "sha256").hexdigest()
     blob = json.dumps(relevant, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 

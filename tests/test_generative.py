@@ -66,11 +66,14 @@ def test_a_users_scores_do_not_depend_on_the_rest_of_the_batch(stage2):
 # --------------------------------------------------------------------------- beam search
 
 
-@pytest.mark.parametrize("seed,last_code_token", [(0, "item"), (1, "item"), (0, "shared"), (1, "shared")])
-def test_beam_search_is_the_brute_force_top_k(stage2, seed, last_code_token):
+FORMS = {"item": {}, "shared": {"last_code_token": "shared"}, "integrated": {"integrated_item_tokens": True}}
+
+
+@pytest.mark.parametrize("seed,form", [(0, "item"), (1, "item"), (0, "shared"), (1, "shared"), (0, "integrated")])
+def test_beam_search_is_the_brute_force_top_k(stage2, seed, form):
     """With beam_size >= n_items nothing is pruned: beams = exact top-k of all code likelihoods."""
     config, _, (_, _, test) = stage2
-    model = randomise(make_prorec(stage2, beam_size=48, last_code_token=last_code_token), seed).eval()
+    model = randomise(make_prorec(stage2, beam_size=48, **FORMS[form]), seed).eval()
     assert model.beam_size >= model.n_items - 1
     assert len(set((model.codes[1:] >= 0).sum(1).tolist())) > 1  # codes of 2 and 3 levels are mixed
     batch = first_batch(test)
@@ -176,10 +179,10 @@ def chance_loss(model: PRORec, targets: torch.Tensor) -> float:
     return total.mean().item()
 
 
-@pytest.mark.parametrize("last_code_token", ["item", "shared"])
-def test_training_lowers_both_losses(stage2, last_code_token):
+@pytest.mark.parametrize("form", ["item", "shared", "integrated"])
+def test_training_lowers_both_losses(stage2, form):
     _, _, (train, _, _) = stage2
-    model = make_prorec(stage2, last_code_token=last_code_token)
+    model = make_prorec(stage2, **FORMS[form])
     batches = list(train)
 
     def mean_losses():
@@ -314,10 +317,37 @@ def test_item_mode_gives_each_item_its_own_token_tied_to_its_output_score(stage2
     torch.testing.assert_close(got, expected)
 
 
-def test_item_scores_are_the_same_with_and_without_gradients(stage2):
+def test_integrated_item_tokens_add_the_projected_stage1_embedding(stage2):
+    """An item's own token = its free embedding + W e_item (Stage I's integrated embedding), used
+    alike as encoder input, decoder input and output score; level tokens are untouched."""
+    _, _, (_, _, test) = stage2
+    model = randomise(make_prorec(stage2, integrated_item_tokens=True), 5).eval()
+    plain = make_prorec(stage2)
+    assert set(dict(model.named_parameters())) - set(dict(plain.named_parameters())) == {"integrated_proj.weight"}
+    table = model.token_table()
+    free = model.token_embedding.weight
+    torch.testing.assert_close(table[: model.item_offset], free[: model.item_offset])
+    items = torch.arange(1, model.n_items)
+    projected = model.integrated[items] @ model.integrated_proj.weight.T
+    assert projected.abs().min(1).values.gt(0).all()  # every real item has a Stage-I embedding
+    torch.testing.assert_close(table[model.item_offset + items], free[model.item_offset + items] + projected)
+    # without the projection the model is the plain item form with the same weights
+    batch = first_batch(test)
+    with torch.no_grad():
+        with_projection = model.predict(batch)
+        model.integrated_proj.weight.zero_()
+        plain.load_state_dict(model.state_dict(), strict=False)
+        torch.testing.assert_close(model.predict(batch), plain.eval().predict(batch))
+    assert not torch.allclose(with_projection, model.predict(batch))
+    shared = make_prorec(stage2, last_code_token="shared", integrated_item_tokens=True)
+    assert not shared.integrated_item_tokens and not hasattr(shared, "integrated_proj")  # shared form has no item tokens
+
+
+@pytest.mark.parametrize("form", ["item", "integrated"])
+def test_item_scores_are_the_same_with_and_without_gradients(stage2, form):
     """Training scores items with one dense product, inference per trie node: the same numbers."""
     _, _, (_, _, test) = stage2
-    model = randomise(make_prorec(stage2), 9).eval()
+    model = randomise(make_prorec(stage2, **FORMS[form]), 9).eval()
     batch = first_batch(test)
     targets = batch[model.ITEM_ID]
     with torch.no_grad():

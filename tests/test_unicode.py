@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +143,18 @@ def test_stage1_key_follows_stage1_settings(stage1_folder, tiny_overrides):
                   "lr_scheduler": "cosine", "warmup_steps": 100, "clip_grad_norm": {"max_norm": 1.0},
                   "lr_decay_steps": 1000, "lr_min_ratio": 0.1}):
         assert stage1_key(stage1_config(DATASET, [], tiny_overrides(**kept))) == key, kept
+
+
+def test_stage1_key_follows_file_contents_not_paths_or_dates(tiny_root, tiny_overrides, tmp_path):
+    key = stage1_key(stage1_config(DATASET, [], tiny_overrides()))
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(tiny_root, copy)  # another folder, new modification times
+    os.utime(copy / DATASET / f"{DATASET}.inter", ns=(1, 1))
+    assert stage1_key(stage1_config(DATASET, [], tiny_overrides(data_path=str(copy)))) == key
+    inter = copy / DATASET / f"{DATASET}.inter"
+    lines = inter.read_text(encoding="utf-8").splitlines()
+    inter.write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")  # one interaction fewer
+    assert stage1_key(stage1_config(DATASET, [], tiny_overrides(data_path=str(copy)))) != key
 
 
 def test_stage1_takes_its_own_budget_not_stage2s(tiny_overrides):
