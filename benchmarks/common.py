@@ -310,7 +310,7 @@ def write_synthetic_dataset(
     the ``unicode:token_seq`` column; ``integrated`` is written as Stage I's ``.emb.npy`` (for
     IKD); ``semantic`` as ``.sem.npy`` (pass it as ``semantic_embedding_file``).
     """
-    from recbole_prorec.data import embedding_files
+    from recbole_prorec.artifact import embedding_files
 
     folder = Path(root) / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -341,22 +341,21 @@ def write_synthetic_dataset(
 
 def project_config(label: str, root: Path, name: str, overrides: Mapping[str, Any] | None = None):
     """Our ``ProjectConfig`` of model/variant ``label`` for the synthetic dataset ``root/name``."""
-    from recbole_prorec.config import ProjectConfig, resolve_model
+    from recbole_prorec.config import ProjectConfig
+    from recbole_prorec.registry import resolve_model
 
     return ProjectConfig(resolve_model(label), name, [], {**SYNTHETIC_OVERRIDES, **(overrides or {})},
                          data_folder=Path(root))
 
 
-def load_dataset(label: str, root: Path, name: str, overrides: Mapping[str, Any] | None = None):
-    """(config, training split) of model ``label`` on the atomic dataset ``root/name``.
+def load_run(label: str, root: Path, name: str, overrides: Mapping[str, Any] | None = None):
+    """Config, dataset and loaders of model ``label`` on the atomic dataset ``root/name``, built as
+    the runner builds them (``.model()`` makes the model)."""
+    from recbole_prorec.build import build
+    from recbole_prorec.registry import resolve_model
 
-    Loaded by RecBole's ``create_dataset`` and built (split, tensors) like ``data_preparation``
-    does; the training split is what the runner hands a model's constructor.
-    """
-    from recbole.data import create_dataset
-
-    config = project_config(label, root, name, overrides)
-    return config, create_dataset(config).build()[0]
+    overrides = {**SYNTHETIC_OVERRIDES, **(overrides or {})}
+    return build(resolve_model(label), name, [], overrides, data_folder=Path(root))
 
 
 def random_histories(n: int, n_items: int, max_len: int, device: torch.device | str, seed: int = 0):

@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     command = ["benchmarks/curves.py", *(argv if argv is not None else sys.argv[1:])]
     report = Report("Validation curves", command)
 
-    from recbole_prorec.config import resolve_model
+    from recbole_prorec.registry import resolve_model
 
     labels = [m.strip() for m in args.models.split(",") if m.strip()]
     for label in labels:  # fail on a typo before hours of training

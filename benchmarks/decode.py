@@ -30,7 +30,7 @@ from common import (  # noqa: E402
     Report,
     base_parser,
     fmt,
-    load_dataset,
+    load_run,
     markdown_table,
     project_config,
     sequential_batch,
@@ -60,18 +60,15 @@ def make_codes(method: str, n_items: int, seed: int, K: int = 256, dim: int = 64
 
 def build_prorec(root: Path, name: str, beam: int, device: torch.device, seed: int):
     """A randomly initialised paper-size PRORec on ``root/name`` (IKD off: no embeddings needed)."""
-    from recbole_prorec.generative import PRORec
-
-    config, data = load_dataset("PRORec", root, name, {"ikd_weight": 0.0, "beam_size": beam})
-    torch.manual_seed(seed)
-    return PRORec(config, data).to(device).eval(), data
+    run = load_run("PRORec", root, name, {"ikd_weight": 0.0, "beam_size": beam, "seed": seed})
+    return run.model().to(device).eval(), run.train._dataset
 
 
 def build_sasrec(root: Path, name: str, data, device: torch.device, seed: int):
     """RecBole's SASRec (CE) sized as in our Beauty baseline, over the same loaded dataset."""
-    from recbole_prorec.config import model_class
+    from recbole_prorec.registry import model_class
 
-    SASRec = model_class("SASRec")  # not a direct import: see model_class on anomaly detection
+    SASRec = model_class("SASRec")  # through the registry, which turns RecBole's anomaly detection off
 
     config = project_config("SASRec-CE", root, name, SASREC)
     torch.manual_seed(seed)

@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     device = setup(args)
     report = Report("Quality at equal budget", ["benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
 
-    from recbole_prorec.config import resolve_model
+    from recbole_prorec.registry import resolve_model
     from recbole_prorec.runner import run
 
     labels = [m.strip() for m in (args.models or (f"{REFERENCE},PRORec" if args.quick else DEFAULT_MODELS)).split(",")

@@ -41,7 +41,7 @@ from common import (  # noqa: E402
     Report,
     base_parser,
     fmt,
-    load_dataset,
+    load_run,
     markdown_table,
     sequential_batch,
     setup,
@@ -151,9 +151,7 @@ def measure_encoding(n_texts: int, device: torch.device) -> dict:
 
 def measure_size(n_items: int, root: Path, device: torch.device, args, encoding: dict) -> dict:
     """All per-size figures for a synthetic catalogue of ``n_items`` items."""
-    from recbole_prorec.alignment import PRORecDIN
     from recbole_prorec.decoding import CodeTrie
-    from recbole_prorec.generative import PRORec
     from recbole_prorec.quantize import hkmeans
 
     rng = np.random.default_rng(args.seed)
@@ -176,16 +174,12 @@ def measure_size(n_items: int, root: Path, device: torch.device, args, encoding:
     repeats = 2 if args.quick else 5
 
     sem_file = str(folder / name / f"{name}.sem.npy")
-    config, data = load_dataset("PRORecDIN", folder, name, {"semantic_embedding_file": sem_file})
-    torch.manual_seed(args.seed)
-    din = PRORecDIN(config, data).to(device)
+    din = load_run("PRORecDIN", folder, name, {"semantic_embedding_file": sem_file, "seed": args.seed}).model().to(device)
     batch = sequential_batch(din, BATCH, device, seed=args.seed, with_target=True).to(device)
     s1_rate, s1_state, s1_mem = measure_steps(din, batch, device, repeats)
     del din
 
-    config, data = load_dataset("PRORec", folder, name, {})
-    torch.manual_seed(args.seed)
-    gen = PRORec(config, data).to(device)
+    gen = load_run("PRORec", folder, name, {"seed": args.seed}).model().to(device)
     s2_rate, s2_state, s2_mem = measure_steps(gen, batch, device, repeats)
     gen.eval()
     users = sequential_batch(gen, 64, device, seed=args.seed + 1).to(device)
@@ -233,12 +227,13 @@ def loader_batches(loader, n: int, device) -> tuple[list, float]:
 
 def stage2_folder(dataset: str, stage1_config, data, tmp: Path) -> tuple[Path, str]:
     """Stage I's cached output folder for this config, else a temp copy with random codes."""
+    from recbole_prorec.artifact import Artifact, write_artifact_files
     from recbole_prorec.quantize import random_codes
-    from recbole_prorec.unicode import stage1_key, write_unicode_files
+    from recbole_prorec.stage1 import stage1_key
 
-    cached = Path(stage1_config["unicode_dir"]) / f"{dataset}-{stage1_key(stage1_config)}"
-    if (cached / dataset / "stage1.json").is_file():
-        return cached, f"Stage I output {cached / dataset}"
+    cached = Artifact.locate(stage1_config["unicode_dir"], dataset, stage1_key(stage1_config))
+    if cached.complete:
+        return cached.root, f"Stage I output {cached.folder}"
     source = Path(stage1_config["data_path"])
     target = tmp / dataset
     target.mkdir(parents=True)
@@ -246,7 +241,7 @@ def stage2_folder(dataset: str, stage1_config, data, tmp: Path) -> tuple[Path, s
     tokens = list(data.field2id_token[id_field])[1:]
     codes = random_codes(len(tokens), K=stage1_config["codebook_size"], seed=stage1_config["seed"])
     emb = np.random.default_rng(0).standard_normal((len(tokens), stage1_config["din_embedding_size"]))
-    write_unicode_files(source, target, dataset, tokens, codes, emb, id_field)
+    write_artifact_files(source, target, dataset, tokens, codes.to_strings(), emb, id_field)
     return tmp, "random codes (no cached Stage I output for this config; run --stage=unicode for real ones)"
 
 
@@ -262,34 +257,27 @@ def _measure_stage(stage: int, label: str, model, train, config, n: int, device,
 
 def dataset_mode(args, device: torch.device, report: Report) -> list[dict]:
     """Real Stage I / Stage II steps on batches of ``args.dataset`` from RecBole's loaders."""
-    from recbole.data import create_dataset, data_preparation
-    from recbole.utils import init_seed
-
-    from recbole_prorec.alignment import PRORecDIN
-    from recbole_prorec.config import ProjectConfig, resolve_model
-    from recbole_prorec.generative import PRORec
-    from recbole_prorec.unicode import stage1_config
+    from recbole_prorec.build import build, load_data
+    from recbole_prorec.registry import ModelSpec, resolve_model
+    from recbole_prorec.prorec_din import PRORecDIN
+    from recbole_prorec.stage1 import stage1_config
 
     n = args.steps or (4 if args.quick else 30)
     overrides = {"show_progress": False}
     rows, out = [], []
     # the default Stage I config (its stage1 block trains at batch 256), so a cached output is found
     cfg1 = stage1_config(args.dataset, [], overrides)
-    init_seed(cfg1["seed"], True)
-    data1 = create_dataset(cfg1)
-    train1, _, _ = data_preparation(cfg1, data1)
+    run1 = load_data(ModelSpec("PRORecDIN", PRORecDIN), cfg1)
     start = time.perf_counter()
-    din = PRORecDIN(cfg1, train1._dataset).to(device)
+    din = run1.model().to(device)
     semantic_s = time.perf_counter() - start
-    _measure_stage(1, "Stage I (PRORecDIN)", din, train1, cfg1, n, device, rows, out)
+    _measure_stage(1, "Stage I (PRORecDIN)", din, run1.train, cfg1, n, device, rows, out)
     del din
     with tempfile.TemporaryDirectory(prefix="prorec-train-speed-") as tmp:
-        folder, source = stage2_folder(args.dataset, cfg1, data1, Path(tmp))
-        cfg2 = ProjectConfig(resolve_model("PRORec"), args.dataset, [], overrides, data_folder=folder)
-        init_seed(cfg2["seed"], True)
-        train2, _, _ = data_preparation(cfg2, create_dataset(cfg2))
-        gen = PRORec(cfg2, train2._dataset).to(device)
-        _measure_stage(2, "Stage II (PRORec)", gen, train2, cfg2, n, device, rows, out)
+        folder, source = stage2_folder(args.dataset, cfg1, run1.dataset, Path(tmp))
+        run2 = build(resolve_model("PRORec"), args.dataset, [], overrides, data_folder=folder)
+        gen = run2.model().to(device)
+        _measure_stage(2, "Stage II (PRORec)", gen, run2.train, run2.config, n, device, rows, out)
     report.add(
         f"Real training steps on {args.dataset} ({n} timed steps after one warmup step; "
         f"semantic embeddings ready in {semantic_s:.1f} s; Stage II codes: {source}). "

@@ -9,32 +9,25 @@ folder is resolved by us (``data.find_dataset``) rather than by RecBole, which w
 """
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import numpy as np
 import recbole
 import torch
 import yaml
 from recbole.config import Config
-from recbole.utils import get_model
 
 from recbole_prorec import PROJECT_ROOT
 from recbole_prorec.data import find_dataset, search_folders
+from recbole_prorec.distributed import DDP_KEYS, init_cpu_process_group
+
+if TYPE_CHECKING:
+    from recbole_prorec.registry import ModelSpec
 
 PROPERTIES = PROJECT_ROOT / "properties"
 RECBOLE_PROPERTIES = Path(recbole.__file__).resolve().parent / "properties"
 
-# Models that live in this package; RecBole's ``get_model`` only searches its own modules.
-OWN_MODELS = {
-    "PRORec": "recbole_prorec.generative:PRORec",
-    "PRORecDIN": "recbole_prorec.alignment:PRORecDIN",
-    "SASRecBCE": "recbole_prorec.baselines:SASRecBCE",
-}
-# Keys the runner sets itself (DDP), which have no YAML default.
-RUNNER_KEYS = ("local_rank", "world_size", "nproc", "offset", "ip", "port")
 # Dict-valued keys merged key by key across layers rather than replaced (``--stage1="{'epochs': 5}"``).
 MERGED_BLOCKS = ("stage1",)
 # YAML files of our models: PRORec also reads Stage I's keys, since it runs Stage I first;
@@ -43,19 +36,6 @@ MODEL_YAML = {
     "PRORec": [PROPERTIES / "model" / "PRORecDIN.yaml", PROPERTIES / "model" / "PRORec.yaml"],
     "SASRecBCE": [RECBOLE_PROPERTIES / "model" / "SASRec.yaml", PROPERTIES / "model" / "SASRecBCE.yaml"],
 }
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A runnable model: the label shown in tables, its class and the variant's overrides."""
-
-    label: str
-    model_class: type
-    overrides: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.model_class.__name__
 
 
 def load_yaml(path: Path) -> dict:
@@ -70,43 +50,6 @@ def load_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of keys to values")
     return data
-
-
-def variants() -> dict[str, dict]:
-    return load_yaml(PROPERTIES / "variants.yaml")
-
-
-def model_class(name: str) -> type:
-    """Our own model classes by name, else RecBole's built-in ones."""
-    if name in OWN_MODELS:
-        module, attr = OWN_MODELS[name].split(":")
-        model = getattr(importlib.import_module(module), attr)
-    else:
-        try:
-            model = get_model(name)
-        except (ValueError, ImportError):  # RecBole tries its lightgbm/xgboost modules last
-            known = sorted(set(OWN_MODELS) | set(variants()))
-            raise ValueError(
-                f"unknown model '{name}': neither one of ours or a named variant ({', '.join(known)}) "
-                "nor a RecBole built-in model (see recbole.model)"
-            ) from None
-    # RecBole's SINE module calls torch.autograd.set_detect_anomaly(True) when its package is
-    # imported (by get_model, or by our subclasses of its models): a debugging switch that
-    # roughly doubles the backward time of every model.
-    torch.autograd.set_detect_anomaly(False)
-    return model
-
-
-def resolve_model(label: str) -> ModelSpec:
-    """Turn a ``--model`` value (a model name or a variant from variants.yaml) into a spec."""
-    table = variants()
-    if label in table:
-        overrides = dict(table[label])
-        base = overrides.pop("model", None)
-        if base is None:
-            raise ValueError(f"variant '{label}' in {PROPERTIES / 'variants.yaml'} lacks 'model'")
-        return ModelSpec(label, model_class(base), overrides)
-    return ModelSpec(label, model_class(label))
 
 
 def default_files(model: str, dataset: str) -> list[Path]:
@@ -187,7 +130,7 @@ class ProjectConfig(Config):
     def unknown_keys(self) -> list[str]:
         """Keys the user gave (files, command line) that no default documents: likely misspelt."""
         given = {k for layer in self._user_layers.values() for k in layer} | set(self.cmd_config_dict)
-        return sorted(given - self.known_keys - set(RUNNER_KEYS))
+        return sorted(given - self.known_keys - set(DDP_KEYS))
 
     def _load_variable_config_dict(self, config_dict: dict) -> dict:
         # the variant's and the user files' values are typed YAML; RecBole would eval() their strings
@@ -241,23 +184,10 @@ class ProjectConfig(Config):
 
     def _init_device(self) -> None:
         # RecBole's DDP hard-codes NCCL and CUDA; on a CPU-only machine use gloo instead.
-        cfg = self.final_config_dict
-        if "local_rank" not in cfg or torch.cuda.is_available():
+        if "local_rank" not in self.final_config_dict or torch.cuda.is_available():
             super()._init_device()
-            return
-        cfg["gpu_id"] = str(cfg["gpu_id"])
-        torch.distributed.init_process_group(
-            backend="gloo",
-            rank=cfg["local_rank"] + cfg["offset"],
-            world_size=cfg["world_size"],
-            init_method=f"tcp://{cfg['ip']}:{cfg['port']}",
-        )
-        cfg["device"] = torch.device("cpu")
-        cfg["single_spec"] = False
-        if cfg["local_rank"] != 0:
-            cfg["state"] = "error"
-            cfg["show_progress"] = False
-            cfg["verbose"] = False
+        else:
+            init_cpu_process_group(self.final_config_dict)
 
 
 _SKIP = object()

@@ -13,16 +13,6 @@ from recbole.data.dataset import Dataset
 from recbole_prorec import PROJECT_ROOT
 
 
-# What Stage I adds to an atomic dataset: the codes column of the .item file and the integrated
-# item embeddings (IKD's targets), one row per item token of ``.emb_items.txt``.
-UNICODE_FIELD = "unicode"
-
-
-def embedding_files(folder: Path, dataset: str) -> tuple[Path, Path]:
-    """Stage I's integrated embeddings and the item token of each of their rows."""
-    return folder / f"{dataset}.emb.npy", folder / f"{dataset}.emb_items.txt"
-
-
 class DatasetNotFoundError(FileNotFoundError):
     """No folder holds ``<name>/<name>.inter``."""
 

@@ -6,7 +6,6 @@ RecBole's own models); it builds config, dataset, loaders, model and trainer its
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 from datetime import datetime
 from dataclasses import dataclass, field
@@ -15,15 +14,14 @@ from pathlib import Path
 from time import monotonic
 from typing import Any, Mapping, Sequence
 
-import torch
-import torch.multiprocessing as mp
-from recbole.data import create_dataset, data_preparation
-from recbole.utils import init_seed
-
 from recbole_prorec import PROJECT_ROOT
-from recbole_prorec.config import ModelSpec, ProjectConfig, resolve_model
-from recbole_prorec.data import check_columns, statistics, statistics_table
+from recbole_prorec import distributed as ddp
+from recbole_prorec.build import Run, load_data
+from recbole_prorec.config import ProjectConfig
+from recbole_prorec.data import statistics, statistics_table
 from recbole_prorec.logs import start_log
+from recbole_prorec.registry import ModelSpec, resolve_model
+from recbole_prorec.stage1 import run_stage1
 from recbole_prorec.trainer import SafePretrainer, SafeTrainer
 
 TABLE_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
@@ -55,13 +53,12 @@ def results_table(results: Sequence[RunResult]) -> str:
     return "\n".join(lines + [r.row() for r in results])
 
 
-def prepare_data(spec: ModelSpec, dataset: str, config_files: Sequence[str], overrides: Mapping) -> Path | None:
-    """Run Stage I for generative models; returns the folder of the unicode-augmented dataset."""
-    if spec.name != "PRORec":
+def stage1_folder(spec: ModelSpec, dataset: str, config_files: Sequence[str], overrides: Mapping) -> Path | None:
+    """The data folder of the model's Stage-I artifact (Stage I runs if it is not there yet), or
+    None for a model that reads the dataset as it is."""
+    if not spec.needs_stage1:
         return None
-    from recbole_prorec.unicode import build_unicodes
-
-    return build_unicodes(dataset, config_files, {**spec.overrides, **overrides})
+    return run_stage1(dataset, config_files, {**spec.overrides, **overrides}).artifact.root
 
 
 def run(
@@ -69,44 +66,33 @@ def run(
     dataset: str,
     config_files: Sequence[str] = (),
     overrides: Mapping[str, Any] | None = None,
-    stage: str = "all",
     evaluate_test: bool = True,
-) -> RunResult | Path:
-    """Train and test one model on one dataset (``stage='unicode'`` stops after PRORec's Stage I;
-    ``evaluate_test=False`` leaves the test split unread, for tuning on validation curves)."""
+) -> RunResult:
+    """Train and test one model on one dataset (PRORec: Stage I first, or its cached artifact);
+    ``evaluate_test=False`` leaves the test split unread, for tuning on validation curves."""
     overrides = dict(overrides or {})
     spec = resolve_model(label)
-    folder = prepare_data(spec, dataset, config_files, overrides)
-    if stage == "unicode":
-        if folder is None:
-            raise ValueError(f"--stage=unicode needs a PRORec model, not {label}")
-        return folder
+    folder = stage1_folder(spec, dataset, config_files, overrides)
     config = ProjectConfig(spec, dataset, config_files, overrides, data_folder=folder)
-    init_seed(config["seed"], config["reproducibility"])
     start_log(config)
     logger = getLogger()
     logger.info(config)
     for key in config.unknown_keys():
         logger.warning(f"config key '{key}' has no default in RecBole or properties/ and may be misspelt; "
                        f"{spec.name} ignores it unless it reads it by that name")
-    check_columns(Path(config["data_path"]).parent, dataset, config["load_col"])
-    data = create_dataset(config)
-    logger.info(data)
-    logger.info("dataset statistics\n" + statistics_table(dataset, statistics(data)))
-    train, valid, test = data_preparation(config, data)
+    data = load_data(spec, config)
+    logger.info(data.dataset)
+    logger.info("dataset statistics\n" + statistics_table(dataset, statistics(data.dataset)))
     show = config["show_progress"]
-    pretrain_time = 0.0
-    if config["train_stage"] == "pretrain" and not config["load_checkpoint"]:
-        pretrain_time = pretrain(spec, config, train)
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = spec.model_class(config, train._dataset).to(config["device"])
+    pretrain_time = pretrain(data) if config["train_stage"] == "pretrain" and not config["load_checkpoint"] else 0.0
+    model = data.model()
     logger.info(model)
     trainer = SafeTrainer(config, model)
     if config["load_checkpoint"]:  # test a trained model instead of training one
         trainer.saved_model_file = config["load_checkpoint"]
     else:
-        trainer.fit(train, valid, saved=True, show_progress=show)
-    test_result = trainer.evaluate(test, load_best_model=True, show_progress=show) if evaluate_test else {}
+        trainer.fit(data.train, data.valid, saved=True, show_progress=show)
+    test_result = trainer.evaluate(data.test, load_best_model=True, show_progress=show) if evaluate_test else {}
     logger.info(f"best valid: {trainer.best_valid_result}")
     if evaluate_test:
         logger.info(f"test result: {test_result}")
@@ -123,18 +109,16 @@ def run(
     )
 
 
-def pretrain(spec: ModelSpec, config: ProjectConfig, train) -> float:
-    """Self-supervised pre-training (S3Rec's ``train_stage: pretrain``); switches ``config`` to
+def pretrain(data: Run) -> float:
+    """Self-supervised pre-training (S3Rec's ``train_stage: pretrain``); switches the config to
     fine-tuning from the pre-trained weights, with what is left of ``train_time_budget``, and
     returns the pre-training time in seconds."""
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = spec.model_class(config, train._dataset).to(config["device"])
-    trainer = SafePretrainer(config, model)
+    config = data.config
+    trainer = SafePretrainer(config, data.model())
     trainer.saved_model_file = trainer.saved_model_file.replace(".pth", "-pretrained.pth")
     start = monotonic()
-    path = trainer.pretrain(train, show_progress=config["show_progress"])
-    if not config["single_spec"]:
-        torch.distributed.barrier()  # the file is written by rank 0 only
+    path = trainer.pretrain(data.train, show_progress=config["show_progress"])
+    ddp.barrier(config)  # the file is written by rank 0 only
     config["train_stage"] = "finetune"
     config["pre_model_path"] = path
     if config["train_time_budget"]:  # one budget for both phases; a spent one still fine-tunes an epoch
@@ -142,26 +126,11 @@ def pretrain(spec: ModelSpec, config: ProjectConfig, train) -> float:
     return trainer.train_time
 
 
-def _ddp_worker(rank: int, args: tuple, queue) -> None:
-    label, dataset, config_files, overrides, stage = args
-    result = run(label, dataset, config_files, {**overrides, "local_rank": rank}, stage)
-    if rank == 0:
-        queue.put(result)
-
-
-def run_distributed(label, dataset, config_files, overrides, stage, nproc: int):
+def run_distributed(label: str, dataset: str, config_files: Sequence[str], overrides: Mapping, nproc: int) -> RunResult:
     """RecBole's multi-process DDP (gloo on CPU, NCCL on GPU); rank 0's result is returned.
-    PRORec's Stage I runs here first, in one process; the workers then find its output."""
-    folder = prepare_data(resolve_model(label), dataset, config_files, overrides)
-    if stage == "unicode":
-        return folder
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ddp = {"world_size": nproc, "nproc": nproc, "offset": 0, "ip": "127.0.0.1", "port": port}
-    queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_ddp_worker, args=((label, dataset, config_files, {**overrides, **ddp}, stage), queue), nprocs=nproc)
-    return queue.get()
+    PRORec's Stage I runs here first, in one process; the workers then find its artifact."""
+    stage1_folder(resolve_model(label), dataset, config_files, overrides)
+    return ddp.launch(run, (label, dataset, config_files), dict(overrides), nproc)
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str, str]]:
@@ -191,16 +160,19 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     labels = [m.strip() for m in args.model.split(",") if m.strip()]
     for label in labels:  # fail fast on a typo before hours of training
         resolve_model(label)
+    if args.stage == "unicode":
+        for label in labels:
+            spec = resolve_model(label)
+            if not spec.needs_stage1:
+                raise ValueError(f"--stage=unicode needs a model with a Stage I (PRORec), not {label}")
+            print(f"unicode dataset written to {stage1_folder(spec, args.dataset, files, overrides)}")
+        return []
     results = []
     for label in labels:
         if args.nproc > 1:
-            result = run_distributed(label, args.dataset, files, overrides, args.stage, args.nproc)
+            results.append(run_distributed(label, args.dataset, files, overrides, args.nproc))
         else:
-            result = run(label, args.dataset, files, overrides, args.stage)
-        if isinstance(result, Path):
-            print(f"unicode dataset written to {result}")
-            continue
-        results.append(result)
+            results.append(run(label, args.dataset, files, overrides))
     if results:
         table = results_table(results)
         out = Path(args.results_file or PROJECT_ROOT / "results" / f"{args.dataset}.md")

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from recbole.trainer import PretrainTrainer, Trainer
 from recbole.utils import set_color
-from torch.nn.parallel import DistributedDataParallel
 
+from recbole_prorec import distributed as ddp
 from recbole_prorec.config import plain_config
 
 
@@ -55,7 +55,7 @@ class SafeTrainer(Trainer):
     """
 
     def __init__(self, config, model):
-        distributed = not config["single_spec"]
+        distributed = ddp.is_distributed(config)
         # RecBole builds DDP with device_ids=[rank], which only works on CUDA; we build it below.
         config["single_spec"] = True
         try:
@@ -63,15 +63,9 @@ class SafeTrainer(Trainer):
         finally:
             config["single_spec"] = not distributed
         if distributed:
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            on_gpu = config["device"].type == "cuda"
-            self.distributed_model = DistributedDataParallel(
-                self.model, device_ids=[config["local_rank"]] if on_gpu else None
-            )
-            # only rank 0 writes checkpoints; every rank must read that file (names carry the time)
-            name = [self.saved_model_file]
-            torch.distributed.broadcast_object_list(name, src=0)
-            self.saved_model_file = name[0]
+            self.model, self.distributed_model = ddp.wrap(model, config)
+            # only rank 0 writes checkpoints; every rank must read that file
+            self.saved_model_file = ddp.from_main(self.saved_model_file, config)
         self.time_budget = config["train_time_budget"]
         if config["lr_scheduler"] not in SCHEDULES:
             raise ValueError(f"lr_scheduler must be one of {SCHEDULES}, got {config['lr_scheduler']!r}")
@@ -159,7 +153,7 @@ class SafeTrainer(Trainer):
         )
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
-        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+        if not ddp.is_main(self.config):
             return
         self.best_epoch = epoch
         saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
@@ -209,8 +203,7 @@ class SafeTrainer(Trainer):
 
     def load_best(self, model_file: str | None = None) -> None:
         """Load the best checkpoint's weights (``model_file``, else this run's) into the model."""
-        if not self.config["single_spec"]:
-            torch.distributed.barrier()  # wait until rank 0 has written the checkpoint
+        ddp.barrier(self.config)  # until rank 0 has written the checkpoint
         checkpoint_file = model_file or self.saved_model_file
         self._load_state(load_checkpoint(checkpoint_file, self.device))
         self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
@@ -232,11 +225,7 @@ class SafeTrainer(Trainer):
     def _rates(self, counts: dict[str, int]) -> dict[str, float]:
         """Diagnostic counts as shares of ``users``, summed over DDP ranks first (each rank
         evaluates its own share of the users, as RecBole's metrics are)."""
-        names = sorted(counts)
-        if not self.config["single_spec"] and names:
-            total = torch.tensor([counts[n] for n in names], dtype=torch.float64, device=self.device)
-            torch.distributed.all_reduce(total)
-            counts = dict(zip(names, total.tolist()))
+        counts = ddp.summed(counts, self.config, self.device)
         users = counts.pop("users", 0)
         return {k: v / users for k, v in counts.items()} if users else {}
 
@@ -259,7 +248,7 @@ class SafePretrainer(SafeTrainer, PretrainTrainer):
         return self.saved_model_file
 
     def save_pretrained_model(self, epoch, saved_model_file):
-        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+        if not ddp.is_main(self.config):
             return
         state = {"config": plain_config(self.config), "epoch": int(epoch), "state_dict": self.model.state_dict()}
         torch.save(state, saved_model_file)

@@ -139,29 +139,27 @@ def tiny_overrides(tiny_root, tiny_work):
 
 
 def project_config(label: str, overrides: dict, data_folder: Path | None = None):
-    from recbole_prorec.config import ProjectConfig, resolve_model
+    from recbole_prorec.config import ProjectConfig
+    from recbole_prorec.registry import resolve_model
 
     return ProjectConfig(resolve_model(label), DATASET, [], overrides, data_folder=data_folder)
 
 
 def build_recbole(label: str, overrides: dict, data_folder: Path | None = None):
     """(config, dataset, (train, valid, test)) built the way the runner builds them."""
-    from recbole.data import create_dataset, data_preparation
-    from recbole.utils import init_seed
+    from recbole_prorec.build import build
+    from recbole_prorec.registry import resolve_model
 
-    config = project_config(label, overrides, data_folder)
-    init_seed(config["seed"], config["reproducibility"])
-    data = create_dataset(config)
-    loaders = data_preparation(config, data)
-    return config, data, loaders
+    run = build(resolve_model(label), DATASET, [], overrides, data_folder)
+    return run.config, run.dataset, (run.train, run.valid, run.test)
 
 
 @pytest.fixture(scope="session")
 def stage1_folder(tiny_overrides) -> Path:
     """Stage I (DIN + MAL + CKA, hkmeans K=4) run once on ``tiny``; the unicode dataset's root."""
-    from recbole_prorec.unicode import build_unicodes
+    from recbole_prorec.stage1 import run_stage1
 
-    return build_unicodes(DATASET, [], tiny_overrides())
+    return run_stage1(DATASET, [], tiny_overrides()).artifact.root
 
 
 @pytest.fixture(scope="session")
@@ -174,7 +172,7 @@ def make_prorec(stage2, seed: int = 2020, **extra):
     """A fresh PRORec on the Stage I output, with ``extra`` config keys set for its construction."""
     from recbole.utils import init_seed
 
-    from recbole_prorec.generative import PRORec
+    from recbole_prorec.prorec import PRORec
 
     config, _, (train, _, _) = stage2
     saved = {key: config[key] for key in extra}

@@ -3,7 +3,8 @@ import pytest
 from recbole.data import create_dataset
 
 from recbole_prorec import PROJECT_ROOT
-from recbole_prorec.config import ProjectConfig, resolve_model
+from recbole_prorec.config import ProjectConfig
+from recbole_prorec.registry import resolve_model
 from recbole_prorec.data import check_columns, statistics, statistics_table
 
 SHARED = PROJECT_ROOT.parent / "shared" / "datasets"

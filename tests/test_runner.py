@@ -152,6 +152,6 @@ def test_ddp_prorec_trains_stage1_once_then_stage2_on_two_processes(tiny_overrid
     from recbole_prorec.runner import run_distributed
 
     overrides = tiny_overrides(unicode_dir=str(tmp_path / "unicode"), checkpoint_dir=str(tmp_path / "saved"))
-    result = run_distributed("PRORec", "tiny", [], overrides, "all", 2)
+    result = run_distributed("PRORec", "tiny", [], overrides, 2)
     assert len(list((tmp_path / "unicode").glob("tiny-*/tiny/stage1.json"))) == 1
     assert result.label == "PRORec" and result.epochs_run == 1 and 0.0 < result.test["recall@20"] <= 1.0

@@ -56,8 +56,9 @@ def pack_dataset(dataset: str, target: Path) -> Path:
 
 def export_embeddings(dataset: str, source: Path, out: Path) -> None:
     """The semantic embeddings PRORec's Stage I would compute, one row per ``.item`` row."""
-    from recbole_prorec.alignment import PRORecDIN, semantic_embeddings
-    from recbole_prorec.config import ModelSpec, ProjectConfig
+    from recbole_prorec.prorec_din import PRORecDIN, semantic_embeddings
+    from recbole_prorec.config import ProjectConfig
+    from recbole_prorec.registry import ModelSpec
     from recbole_prorec.semantic import read_item_table
 
     config = ProjectConfig(ModelSpec("PRORecDIN", PRORecDIN), dataset, (), {"show_progress": False, "gpu_id": ""})

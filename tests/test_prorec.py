@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from recbole.data.interaction import Interaction
 
 from conftest import DATASET, build_recbole, make_prorec
-from recbole_prorec.generative import PRORec
+from recbole_prorec.prorec import PRORec
 from recbole_prorec.trainer import SafeTrainer
 
 

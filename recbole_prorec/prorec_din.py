@@ -48,7 +48,7 @@ def info_nce(anchor: torch.Tensor, positive: torch.Tensor, tau: float) -> torch.
     return F.cross_entropy(logits, torch.arange(len(anchor), device=anchor.device))
 
 
-class ActivationUnit(nn.Module):
+class DINActivationUnit(nn.Module):
     """DIN's activation unit: MLP([h, t, h - t, h * t]) -> weight of history item h for target t.
 
     The first layer is applied in its factored form W1 h + W2 t + W3 (h - t) + W4 (h * t), with the
@@ -105,7 +105,7 @@ class PRORecDIN(SequentialRecommender):
         # the attention output is a convex mix of history items, blind to how often an item is
         # bought at all; a per-item bias carries that popularity signal
         self.item_bias = nn.Embedding(self.n_items, 1, padding_idx=0)
-        self.attention = ActivationUnit(self.hidden_size, list(config["din_attention_layers"]))
+        self.attention = DINActivationUnit(self.hidden_size, list(config["din_attention_layers"]))
         self.dropout = nn.Dropout(config["din_dropout"])
         semantic = torch.as_tensor(load_semantic(config, dataset), dtype=torch.float32)
         self.register_buffer("semantic", semantic, persistent=False)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import build_recbole
-from recbole_prorec.alignment import ActivationUnit, ModalityAdaptation, PRORecDIN, info_nce
+from recbole_prorec.prorec_din import DINActivationUnit, ModalityAdaptation, PRORecDIN, info_nce
 
 
 # --------------------------------------------------------------------------- MAL / AdaLN
@@ -102,7 +102,7 @@ def test_cka_loss_falls_when_mal_and_embeddings_are_trained():
 # --------------------------------------------------------------------------- activation unit
 
 
-def naive_activation(unit: ActivationUnit, first: nn.Linear, history, mask, candidates):
+def naive_activation(unit: DINActivationUnit, first: nn.Linear, history, mask, candidates):
     """DIN's unit written out: MLP([h, t, h - t, h * t]) over explicit concatenations."""
     B, L, d = history.shape
     if candidates.dim() == 2:
@@ -120,7 +120,7 @@ def naive_activation(unit: ActivationUnit, first: nn.Linear, history, mask, cand
 def test_activation_unit_factored_form_equals_concatenation(shared_candidates):
     torch.manual_seed(6)
     d, first_size = 6, 5
-    unit = ActivationUnit(d, [first_size, 4])
+    unit = DINActivationUnit(d, [first_size, 4])
     # one explicit first layer over [h, t, h - t, h * t]; fold it into the unit's factored weights
     first = nn.Linear(4 * d, first_size)
     A, Bw, Cw, D = first.weight.detach().split(d, dim=1)

@@ -12,11 +12,12 @@ import pytest
 import torch
 from recbole.utils import FeatureType
 
-import recbole_prorec.unicode as unicode_mod
+import recbole_prorec.stage1 as stage1_mod
 from conftest import DATASET, ITEMS_WITHOUT_ROW, N_ITEMS, build_recbole
-from recbole_prorec.generative import PRORec
+from recbole_prorec.prorec import PRORec
 from recbole_prorec.quantize import quantize
-from recbole_prorec.unicode import build_unicodes, stage1_config, stage1_key
+from recbole_prorec.registry import resolve_model
+from recbole_prorec.stage1 import run_stage1, stage1_config, stage1_key
 
 
 def read_codes(folder: Path) -> dict[str, str]:
@@ -49,9 +50,14 @@ class Recorder:
     def __init__(self, real):
         self.real, self.cka_weights = real, []
 
-    def __call__(self, config, data, report):
-        self.cka_weights.append(config["cka_weight"])
-        return self.real(config, data, report)
+    def __call__(self, run, model):
+        self.cka_weights.append(run.config["cka_weight"])
+        return self.real(run, model)
+
+
+def stage1_root(dataset: str, files: list, overrides: dict) -> Path:
+    """The data folder of the Stage-I artifact ``run_stage1`` wrote or reused."""
+    return run_stage1(dataset, files, overrides).artifact.root
 
 
 def forbid_training(*_args, **_kwargs):
@@ -118,12 +124,12 @@ def test_items_without_item_row_get_a_row_and_a_code(stage1_folder, tiny_root, s
 
 def test_second_run_reuses_the_output(stage1_folder, tiny_overrides, monkeypatch):
     before = snapshot(stage1_folder)
-    monkeypatch.setattr(unicode_mod, "train_din", forbid_training)
-    monkeypatch.setattr(unicode_mod, "quantize", forbid_training)
-    assert build_unicodes(DATASET, [], tiny_overrides()) == stage1_folder
+    monkeypatch.setattr(stage1_mod, "train_din", forbid_training)
+    monkeypatch.setattr(stage1_mod, "quantize", forbid_training)
+    assert stage1_root(DATASET, [], tiny_overrides()) == stage1_folder
     # keys that cannot change the output, or belong to Stage II only, reuse it too
     again = tiny_overrides(semantic_batch_size=7, hidden_size=64, n_decoder_layers=3, beam_size=30)
-    assert build_unicodes(DATASET, [], again) == stage1_folder
+    assert stage1_root(DATASET, [], again) == stage1_folder
     assert snapshot(stage1_folder) == before
 
 
@@ -166,7 +172,7 @@ def test_stage1_takes_its_own_budget_not_stage2s(tiny_overrides):
 @pytest.fixture(scope="module")
 def random_folder(tiny_overrides):
     """Stage I with the ``random`` quantizer (DIN still trained: its fusion is prorec)."""
-    return build_unicodes(DATASET, [], tiny_overrides(quantizer="random"))
+    return stage1_root(DATASET, [], tiny_overrides(quantizer="random"))
 
 
 def test_random_quantizer_end_to_end(random_folder, stage1_folder, tiny_overrides):
@@ -185,9 +191,9 @@ def test_stage1_rerun_retrains(random_folder, tiny_overrides, monkeypatch):
     report = random_folder / DATASET / "stage1.json"
     first = report.stat().st_mtime_ns
     codes = read_codes(random_folder)
-    recorder = Recorder(unicode_mod.train_din)
-    monkeypatch.setattr(unicode_mod, "train_din", recorder)
-    assert build_unicodes(DATASET, [], tiny_overrides(quantizer="random", stage1_rerun=True)) == random_folder
+    recorder = Recorder(stage1_mod.train_din)
+    monkeypatch.setattr(stage1_mod, "train_din", recorder)
+    assert stage1_root(DATASET, [], tiny_overrides(quantizer="random", stage1_rerun=True)) == random_folder
     assert len(recorder.cka_weights) == 1
     assert report.stat().st_mtime_ns != first
     assert read_codes(random_folder) == codes  # same seed, same codes
@@ -200,12 +206,15 @@ def test_stage1_rerun_retrains(random_folder, tiny_overrides, monkeypatch):
 @pytest.fixture(scope="module")
 def fusion_runs(tiny_overrides):
     """{fusion: (folder, recorded CKA weights of train_din calls)} for the three ablation inputs."""
-    runs, real = {}, unicode_mod.train_din
+    runs, real = {}, stage1_mod.train_din
     with pytest.MonkeyPatch.context() as mp:
-        for fusion in ("semantic_only", "collab_only", "concat"):
+        for fusion, variant in (("semantic_only", "PRORec-semantic"), ("collab_only", "PRORec-collab"),
+                                ("concat", "PRORec-concat")):
             recorder = Recorder(real)
-            mp.setattr(unicode_mod, "train_din", recorder)
-            runs[fusion] = (build_unicodes(DATASET, [], tiny_overrides(fusion=fusion)), recorder.cka_weights)
+            mp.setattr(stage1_mod, "train_din", recorder)
+            overrides = tiny_overrides(**resolve_model(variant).overrides)
+            assert overrides["fusion"] == fusion
+            runs[fusion] = (stage1_root(DATASET, [], overrides), recorder.cka_weights)
     return runs
 
 
@@ -251,11 +260,9 @@ def test_semantic_only_puts_topics_together(fusion_runs):
 
 
 def test_rqvae_quantizer_end_to_end_as_tiger(tiny_overrides):
-    from recbole_prorec.config import resolve_model
-
     spec = resolve_model("TIGER")  # semantic_only + rqvae + no IKD
     overrides = tiny_overrides()
-    folder = build_unicodes(DATASET, [], {**spec.overrides, **overrides})
+    folder = stage1_root(DATASET, [], {**spec.overrides, **overrides})
     codes = read_codes(folder)
     assert len(codes) == N_ITEMS
     assert_unique_prefix_free(list(codes.values()))
@@ -279,10 +286,10 @@ def test_rqvae_quantizer_end_to_end_as_tiger(tiny_overrides):
 def test_output_in_the_source_folder_is_refused(tiny_root, tiny_overrides, monkeypatch, inside):
     source = tiny_root / DATASET
     before = snapshot(tiny_root)
-    monkeypatch.setattr(unicode_mod, "train_din", forbid_training)
+    monkeypatch.setattr(stage1_mod, "train_din", forbid_training)
     target = source / inside if inside else source
     with pytest.raises(ValueError, match="unicode_dir"):
-        build_unicodes(DATASET, [], tiny_overrides(unicode_dir=str(target)))
+        stage1_root(DATASET, [], tiny_overrides(unicode_dir=str(target)))
     assert snapshot(tiny_root) == before
 
 
@@ -290,21 +297,21 @@ def test_missing_text_column_is_named(tiny_overrides, tiny_work):
     overrides = tiny_overrides(text_columns=["title", "colour"])
     out = Path(overrides["unicode_dir"]) / f"{DATASET}-{stage1_key(stage1_config(DATASET, [], overrides))}"
     with pytest.raises(ValueError, match="colour"):
-        build_unicodes(DATASET, [], overrides)
+        stage1_root(DATASET, [], overrides)
     assert not (out / DATASET).exists()
 
 
 def test_unknown_fusion_is_refused(tiny_overrides, monkeypatch):
-    monkeypatch.setattr(unicode_mod, "train_din", forbid_training)
+    monkeypatch.setattr(stage1_mod, "train_din", forbid_training)
     with pytest.raises(ValueError, match="fusion.*'magic'"):
-        build_unicodes(DATASET, [], tiny_overrides(fusion="magic"))
+        stage1_root(DATASET, [], tiny_overrides(fusion="magic"))
 
 
 def test_codebook_size_below_two_is_refused(tiny_overrides):
     overrides = tiny_overrides(fusion="semantic_only", codebook_size=1)
     out = Path(overrides["unicode_dir"]) / f"{DATASET}-{stage1_key(stage1_config(DATASET, [], overrides))}"
     with pytest.raises(ValueError, match="codebook_size"):
-        build_unicodes(DATASET, [], overrides)
+        stage1_root(DATASET, [], overrides)
     assert not (out / DATASET).exists()
 
 
@@ -314,7 +321,7 @@ def test_source_that_already_has_unicodes_is_refused(stage1_folder, tiny_overrid
                                unicode_dir=str(tmp_path / "unicode"))
     before = snapshot(stage1_folder)
     with pytest.raises(ValueError, match="already has a 'unicode' column"):
-        build_unicodes(DATASET, [], overrides)
+        stage1_root(DATASET, [], overrides)
     assert snapshot(stage1_folder) == before
     assert not list((tmp_path / "unicode").rglob("stage1.json"))
 
@@ -322,7 +329,7 @@ def test_source_that_already_has_unicodes_is_refused(stage1_folder, tiny_overrid
 def test_item_file_lines_split_as_recbole_reads_them(tmp_path):
     """A form feed or line separator inside a title, CRLF line ends and a blank line keep each
     code on its item's row, as RecBole's pandas reader sees the rows."""
-    from recbole_prorec.unicode import write_item_file
+    from recbole_prorec.artifact import write_item_file
 
     source, target = tmp_path / "s.item", tmp_path / "t.item"
     source.write_bytes("item_id:token\ttitle:token_seq\r\na\tone\x0cpage\r\n\r\nb\tline\u2028sep\r\n".encode())
@@ -342,7 +349,7 @@ def test_stage1_validated_on_sampled_negatives_keeps_its_best_epoch(tiny_overrid
     block = {"epochs": 6, "train_batch_size": 32, "learning_rate": 0.005, "eval_step": 1, "stopping_step": 1,
              "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user",
                            "mode": {"valid": "uni100", "test": "full"}}}
-    folder = build_unicodes(DATASET, [], tiny_overrides(stage1=block, unicode_dir=str(tmp_path / "u"),
+    folder = stage1_root(DATASET, [], tiny_overrides(stage1=block, unicode_dir=str(tmp_path / "u"),
                                                         checkpoint_dir=str(tmp_path / "saved")))
     report = json.loads((folder / DATASET / "stage1.json").read_text(encoding="utf-8"))
     curve = report["curve"]

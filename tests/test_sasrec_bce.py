@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import build_recbole, project_config
-from recbole_prorec.baselines import SASRecBCE
-from recbole_prorec.config import resolve_model
+from recbole_prorec.sasrec_bce import SASRecBCE
+from recbole_prorec.registry import resolve_model
 
 
 def test_sasrec_bce_variant_has_sasrec_defaults_and_one_negative(tiny_overrides):

@@ -20,57 +20,14 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 from torch import nn
 
-from recbole_prorec.data import UNICODE_FIELD, embedding_files
+from recbole_prorec.artifact import UNICODE_FIELD, load_codes, load_integrated
 from recbole_prorec.decoding import CodeTrie, constrained_beam_search, scores_to_full
-
-
-def load_codes(dataset, field: str, data_file: str) -> torch.Tensor:
-    """Codes [n_items, max_len] (-1 padded) from the dataset's ``unicode`` token_seq feature."""
-    if field not in dataset.field2type:
-        raise ValueError(
-            f"dataset '{dataset.dataset_name}' has no '{field}' column in {data_file}: run Stage I first "
-            f"(python run_recbole_prorec.py --model=PRORec --dataset={dataset.dataset_name} --stage=unicode) "
-            "or point data_path at its output folder"
-        )
-    tokens = dataset.field2id_token[field]
-    try:
-        value = np.array([-1] + [int(t) for t in tokens[1:]], dtype=np.int64)
-    except ValueError as e:
-        raise ValueError(f"{data_file}: '{field}' holds a non-integer code ({e})") from None
-    codes = torch.from_numpy(value)[dataset.item_feat[field].long()]
-    missing = torch.nonzero((codes < 0).all(dim=1)[1:]).flatten() + 1
-    if len(missing):
-        names = dataset.id2token(dataset.iid_field, missing[:5].numpy())
-        raise ValueError(f"{data_file}: {len(missing)} item(s) of the interactions have no '{field}' code, e.g. {list(names)}")
-    codes[0] = -1
-    return codes
-
-
-def load_integrated(dataset, data_dir: Path) -> torch.Tensor:
-    """Stage-I integrated embeddings aligned to the dataset's internal item ids (row 0 zeros)."""
-    name = dataset.dataset_name
-    emb_file, items_file = embedding_files(data_dir, name)
-    if not emb_file.is_file() or not items_file.is_file():
-        raise FileNotFoundError(f"IKD needs Stage I's embeddings {emb_file} and {items_file} (or ikd_weight: 0)")
-    emb = np.load(emb_file)
-    tokens = items_file.read_text(encoding="utf-8").split("\n")[: len(emb)]
-    if emb.ndim != 2 or len(tokens) != len(emb):
-        raise ValueError(f"{emb_file} ({emb.shape}) does not match the {len(tokens)} tokens of {items_file}")
-    row_of = {t: i for i, t in enumerate(tokens)}
-    ids = dataset.field2id_token[dataset.iid_field][1:]
-    absent = [t for t in ids if t not in row_of]
-    if absent:
-        raise ValueError(f"{emb_file} is not the Stage-I output of this dataset: no embedding for items {absent[:5]}")
-    out = np.zeros((len(ids) + 1, emb.shape[1]), dtype=np.float32)
-    out[1:] = emb[[row_of[t] for t in ids]]
-    return torch.from_numpy(out)
 
 
 class Packed:
@@ -78,7 +35,7 @@ class Packed:
 
     Per-token work (projections, feed-forward, norms, dropout) runs on the M real tokens only:
     histories average about 7 of 20 items on Amazon, so most of a padded batch is padding.
-    Attention itself runs on a padded [B, N', ...] view, N' = the most real tokens of any row.
+    PRORecAttention itself runs on a padded [B, N', ...] view, N' = the most real tokens of any row.
     """
 
     def __init__(self, real: torch.Tensor):
@@ -99,7 +56,7 @@ class Packed:
         return x.reshape(-1, x.shape[-1]).index_select(0, self.index)
 
 
-class Attention(nn.Module):
+class PRORecAttention(nn.Module):
     """Multi-head attention with one fused q/k/v projection whose k/v part can be applied alone.
 
     Cross-attention projects the encoder states to keys and values once (``key_value``) and reuses
@@ -129,20 +86,20 @@ class Attention(nn.Module):
         return h.transpose(1, 2).flatten(2)
 
 
-class FeedForward(nn.Sequential):
+class PRORecFeedForward(nn.Sequential):
     """Position-wise feed-forward; no dropout inside, where CPU dropout on wide activations is costly."""
 
     def __init__(self, hidden: int, inner: int):
         super().__init__(nn.Linear(hidden, inner), nn.GELU(), nn.Linear(inner, hidden))
 
 
-class EncoderLayer(nn.Module):
+class PRORecEncoderLayer(nn.Module):
     """Pre-norm self-attention layer over the packed real tokens of the users' histories."""
 
     def __init__(self, hidden: int, heads: int, inner: int, dropout: float, attn_dropout: float):
         super().__init__()
-        self.attn = Attention(hidden, heads, attn_dropout)
-        self.ffn = FeedForward(hidden, inner)
+        self.attn = PRORecAttention(hidden, heads, attn_dropout)
+        self.ffn = PRORecFeedForward(hidden, inner)
         self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(2))
         self.dropout = nn.Dropout(dropout)
 
@@ -153,7 +110,7 @@ class EncoderLayer(nn.Module):
         return x + self.dropout(self.ffn(self.norms[1](x)))
 
 
-class DecoderLayer(nn.Module):
+class PRORecDecoderLayer(nn.Module):
     """Pre-norm causal self-attention within each beam, cross-attention to the encoder, feed-forward.
 
     Inputs are [users, beams, T, H]; for cross-attention all beams of a user form one query
@@ -162,9 +119,9 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, hidden: int, heads: int, inner: int, dropout: float, attn_dropout: float):
         super().__init__()
-        self.self_attn = Attention(hidden, heads, attn_dropout)
-        self.cross_attn = Attention(hidden, heads, attn_dropout)
-        self.ffn = FeedForward(hidden, inner)
+        self.self_attn = PRORecAttention(hidden, heads, attn_dropout)
+        self.cross_attn = PRORecAttention(hidden, heads, attn_dropout)
+        self.ffn = PRORecFeedForward(hidden, inner)
         self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(3))
         self.dropout = nn.Dropout(dropout)
 
@@ -181,7 +138,8 @@ class PRORec(SequentialRecommender):
     """Generative recommender over Stage-I unicodes with intra-modality knowledge distillation."""
 
     input_type = InputType.POINTWISE
-    item_columns = (UNICODE_FIELD,)
+    item_columns = (UNICODE_FIELD,)  # what it reads of Stage I's artifact
+    needs_stage1 = True
     LAST_CODE_TOKENS = ("item", "shared")
 
     def __init__(self, config, dataset):
@@ -194,7 +152,7 @@ class PRORec(SequentialRecommender):
         self.ikd_negatives = config["ikd_negatives"]
         self._check(config)
         data_file = str(Path(config["data_path"]) / f"{dataset.dataset_name}.item")
-        codes = load_codes(dataset, UNICODE_FIELD, data_file)
+        codes = load_codes(dataset, data_file)
         if codes.max() >= self.K:
             raise ValueError(f"{data_file}: code {int(codes.max())} >= codebook_size {self.K}")
         self.register_buffer("codes", codes, persistent=False)
@@ -226,8 +184,8 @@ class PRORec(SequentialRecommender):
         self.item_position = nn.Embedding(self.max_seq_length, self.hidden)
         self.decoder_position = nn.Embedding(self.code_len + 2, self.hidden)
         sizes = (self.hidden, config["n_heads"], config["inner_size"], config["dropout_prob"], config["attn_dropout_prob"])
-        self.encoder = nn.ModuleList(EncoderLayer(*sizes) for _ in range(config["n_encoder_layers"]))
-        self.decoder = nn.ModuleList(DecoderLayer(*sizes) for _ in range(config["n_decoder_layers"]))
+        self.encoder = nn.ModuleList(PRORecEncoderLayer(*sizes) for _ in range(config["n_encoder_layers"]))
+        self.decoder = nn.ModuleList(PRORecDecoderLayer(*sizes) for _ in range(config["n_decoder_layers"]))
         self.encoder_norm = nn.LayerNorm(self.hidden)
         self.decoder_norm = nn.LayerNorm(self.hidden)
         self.dropout = nn.Dropout(config["dropout_prob"])
