@@ -227,7 +227,7 @@ def loader_batches(loader, n: int, device) -> tuple[list, float]:
 
 def stage2_folder(dataset: str, stage1_config, data, tmp: Path) -> tuple[Path, str]:
     """Stage I's cached output folder for this config, else a temp copy with random codes."""
-    from recbole_prorec.artifact import Artifact, write_artifact_files
+    from recbole_prorec.artifact import Artifact, ItemCodes, write_artifact_files
     from recbole_prorec.quantize import random_codes
     from recbole_prorec.stage1 import stage1_key
 
@@ -241,7 +241,7 @@ def stage2_folder(dataset: str, stage1_config, data, tmp: Path) -> tuple[Path, s
     tokens = list(data.field2id_token[id_field])[1:]
     codes = random_codes(len(tokens), K=stage1_config["codebook_size"], seed=stage1_config["seed"])
     emb = np.random.default_rng(0).standard_normal((len(tokens), stage1_config["din_embedding_size"]))
-    write_artifact_files(source, target, dataset, tokens, codes.to_strings(), emb, id_field)
+    write_artifact_files(source, target, dataset, ItemCodes(tokens, codes.to_strings(), emb), id_field=id_field)
     return tmp, "random codes (no cached Stage I output for this config; run --stage=unicode for real ones)"
 
 

@@ -58,22 +58,29 @@ class Artifact:
         return json.loads(self.report_file.read_text(encoding="utf-8"))
 
 
+@dataclass(frozen=True)
+class ItemCodes:
+    """What Stage I computed, row by row: item tokens (``.item`` ids), their codes as space-separated
+    strings, and their integrated embeddings [len(tokens), d]."""
+
+    tokens: list[str]
+    codes: list[str]
+    embeddings: np.ndarray
+
+
 def embedding_files(folder: Path, dataset: str) -> tuple[Path, Path]:
     """The integrated embeddings and the item token of each of their rows."""
     return folder / f"{dataset}.emb.npy", folder / f"{dataset}.emb_items.txt"
 
 
-def write_artifact(
-    artifact: Artifact, source: Path, tokens: list[str], codes: list[str], emb: np.ndarray,
-    report: dict[str, Any], id_field: str,
-) -> None:
+def write_artifact(artifact: Artifact, source: Path, items: ItemCodes, report: dict[str, Any], *, id_field: str) -> None:
     """Write the folder atomically: build it aside, then rename it into place, so a reader never
     sees a half-written artifact and a failed run leaves the previous one intact."""
     target = artifact.folder
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{artifact.dataset}-", dir=target.parent))
     try:
-        write_artifact_files(source, tmp, artifact.dataset, tokens, codes, emb, id_field)
+        write_artifact_files(source, tmp, artifact.dataset, items, id_field=id_field)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
         if target.exists():
             old = target.with_name(f".{target.name}.old")
@@ -87,16 +94,13 @@ def write_artifact(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_artifact_files(
-    source: Path, target: Path, dataset: str, tokens: list[str], codes: list[str], emb: np.ndarray, id_field: str,
-) -> None:
-    """The data files (no report) in ``target``: ``.inter``, ``.item`` with codes, embeddings.
-    ``codes[i]`` is the space-separated code of ``tokens[i]``; ``emb`` row ``i`` its embedding."""
+def write_artifact_files(source: Path, target: Path, dataset: str, items: ItemCodes, *, id_field: str) -> None:
+    """The data files (no report) in ``target``: ``.inter``, ``.item`` with codes, embeddings."""
     shutil.copyfile(source / f"{dataset}.inter", target / f"{dataset}.inter")
-    write_item_file(source / f"{dataset}.item", target / f"{dataset}.item", tokens, codes, id_field)
+    write_item_file(source / f"{dataset}.item", target / f"{dataset}.item", items.tokens, items.codes, id_field)
     emb_file, items_file = embedding_files(target, dataset)
-    np.save(emb_file, emb.astype(np.float32, copy=False))
-    items_file.write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    np.save(emb_file, items.embeddings.astype(np.float32, copy=False))
+    items_file.write_text("\n".join(items.tokens) + "\n", encoding="utf-8")
 
 
 def write_item_file(source: Path, target: Path, tokens: list[str], codes: list[str], id_field: str) -> None:

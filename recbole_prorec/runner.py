@@ -40,6 +40,7 @@ class RunResult:
     valid: dict = field(default_factory=dict)
     test: dict = field(default_factory=dict)
     curve: list = field(default_factory=list)  # per validated epoch: losses, metrics, seconds
+    checkpoint: str = ""  # the best epoch's weights
 
     def row(self) -> str:
         cells = [self.label] + [f"{self.test.get(m, float('nan')):.4f}" for m in TABLE_METRICS]
@@ -106,6 +107,7 @@ def run(
         valid=dict(trainer.best_valid_result or {}),
         test=dict(test_result or {}),
         curve=trainer.curve,
+        checkpoint=trainer.saved_model_file,
     )
 
 

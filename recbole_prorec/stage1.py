@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from sklearn.decomposition import PCA
 
-from recbole_prorec.artifact import Artifact, write_artifact
+from recbole_prorec.artifact import Artifact, ItemCodes, write_artifact
 from recbole_prorec.build import Run, load_data
 from recbole_prorec.config import ProjectConfig, plain_config
 from recbole_prorec.distributed import DDP_KEYS
@@ -123,7 +123,8 @@ def run_stage1(dataset: str, config_files: Sequence[str], overrides: Mapping[str
     codes = quantize(emb, config["quantizer"], config["codebook_size"], config["seed"], **quantizer_kwargs(config))
     result = Stage1Result(artifact, len(tokens), plain_config(config), codes.stats, semantic_seconds,
                           monotonic() - start, din)
-    write_artifact(artifact, source, tokens, codes.to_strings(), emb, result.report(), config["ITEM_ID_FIELD"])
+    items = ItemCodes(tokens, codes.to_strings(), emb)
+    write_artifact(artifact, source, items, result.report(), id_field=config["ITEM_ID_FIELD"])
     logger.info(f"Stage I: unicodes written to {artifact.folder}")
     return result
 

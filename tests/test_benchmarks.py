@@ -154,3 +154,26 @@ def test_curves_quick_writes_table_plot_and_appends(capsys, tmp_path, monkeypatc
                                 "--tag", "after", "--append", "--epochs", "1"])
     assert [r["label"] for r in more] == ["SASRec-CE"] * 2 + ["PRORec"] * 2 + ["SASRec-CE (after)"]
     assert "SASRec-CE (after)" in out.read_text() and "PRORec" in out.read_text()
+
+
+def test_frequency_quick_groups_users_and_matches_recbole(capsys, monkeypatch):
+    import recbole_prorec.runner as runner
+
+    results, real = {}, runner.run
+    monkeypatch.setattr(runner, "run", lambda label, *a, **kw: results.setdefault(label, real(label, *a, **kw)))
+    summary = load("frequency").main(["--quick", "--device", "cpu"])
+    header, rows = table_with(capsys.readouterr().out, "PRORec Recall@20")
+    groups = ["0-4", "5-9", "10-19", "20-49", ">= 50"]
+    assert len(rows) >= 3 and [r[0] for r in rows] == [g for g in groups if g in {r[0] for r in rows}]
+    users = column(header, rows, "users")
+    for label in ("PRORec", "SASRec-CE"):
+        recall = column(header, rows, f"{label} Recall@20")
+        assert all(0 <= v <= 1 for v in recall)
+        # the groups' recalls, weighted by their users, are RecBole's own validation Recall@20
+        overall = sum(u * r for u, r in zip(users, recall)) / sum(users)
+        assert overall == pytest.approx(results[label].valid["recall@20"], abs=2e-3)
+        assert summary[label]["recall@20"] == pytest.approx(results[label].valid["recall@20"], abs=1e-4)
+    # a target in the top 20 brings its first code along, so that share bounds the recall
+    first = column(header, rows, "PRORec first code in top 20")
+    assert all(f >= r for f, r in zip(first, column(header, rows, "PRORec Recall@20")))
+    assert all(r[header.index("SASRec-CE first code in top 20")] == "" for r in rows)

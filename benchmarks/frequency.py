@@ -1,0 +1,125 @@
+"""Where trained models win and lose: Recall@20 by how often the target item occurs in training.
+
+For each ``--run LABEL=CHECKPOINT`` (a model or variant and a checkpoint the runner saved for it)
+the script rebuilds the run's data (PRORec: its cached Stage-I artifact, same settings), loads the
+weights and ranks every user's target of ``--split`` with the full-ranking protocol. Users are
+grouped by their target's number of training interactions; per group it reports Recall@20 of each
+run and, for models of codes, the share of users whose target's first code is among the top 20's.
+That separates items the model cannot rank (rare ones) from clusters it cannot find. ``valid``
+is the default; ``--split test`` reads the test split, for explaining a reported row only.
+
+    python benchmarks/frequency.py --dataset Amazon_Beauty --run PRORec=saved/PRORec-X.pth \\
+        --run SASRec-CE=saved/SASRec-Y.pth --split valid --out docs/frequency_Amazon_Beauty.md
+    python benchmarks/frequency.py --quick
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Report, add_run_arguments, base_parser, markdown_table, run_overrides, setup  # noqa: E402
+
+BUCKETS = (0, 5, 10, 20, 50)  # lower edges of the target-frequency groups
+TOP = 20
+
+
+def ranks(model, loader, device) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Per user: target item, its 0-based rank among all items, and whether its first code is
+    among the top ``TOP`` items' first codes (None for a model without codes)."""
+    targets, positions, first = [], [], []
+    codes = getattr(model, "codes", None)
+    with torch.no_grad():
+        for interaction, history, _, _ in loader:
+            interaction = interaction.to(device)
+            scores = model.full_sort_predict(interaction).view(len(interaction), -1)
+            if history is not None:  # RecBole masks the history of non-sequential models only
+                scores[history[0], history[1]] = float("-inf")
+            target = interaction[model.ITEM_ID]
+            own = scores.gather(1, target[:, None])
+            rank = (scores > own).sum(1).masked_fill(~torch.isfinite(own[:, 0]), scores.shape[1])
+            targets.append(target.cpu())
+            positions.append(rank.cpu())
+            if codes is not None:
+                top = scores.topk(TOP, dim=1).indices
+                first.append((codes[top, 0] == codes[target, 0][:, None]).any(1).cpu())
+    return torch.cat(targets).numpy(), torch.cat(positions).numpy(), torch.cat(first).numpy() if first else None
+
+
+def evaluate_run(label: str, checkpoint: str, dataset: str, files: Sequence[str], overrides: dict,
+                 split: str, device) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(targets, ranks, first-code hits, training frequency of every item) of one trained run."""
+    from recbole_prorec.build import build
+    from recbole_prorec.registry import resolve_model
+    from recbole_prorec.runner import stage1_folder
+    from recbole_prorec.trainer import SafeTrainer
+
+    spec = resolve_model(label)
+    run = build(spec, dataset, files, overrides, data_folder=stage1_folder(spec, dataset, files, overrides))
+    model = run.model()
+    SafeTrainer(run.config, model).load_best(checkpoint)  # refuses another model's or dataset's weights
+    model.eval()
+    items = run.train._dataset.inter_feat[run.config["ITEM_ID_FIELD"]].numpy()
+    frequency = np.bincount(items, minlength=run.dataset.item_num)
+    return (*ranks(model, run.valid if split == "valid" else run.test, device), frequency)
+
+
+def bucket_rows(results: dict[str, tuple]) -> list[list]:
+    """One row per non-empty target-frequency group: users, then Recall@20 (and first-code share) per run."""
+    edges = [*BUCKETS, np.inf]
+    first_label = next(iter(results))
+    targets0, _, _, frequency0 = results[first_label]
+    rows = []
+    for lo, hi in zip(edges, edges[1:]):
+        group = (frequency0[targets0] >= lo) & (frequency0[targets0] < hi)
+        if not group.any():
+            continue
+        name = f"{lo}-{int(hi) - 1}" if np.isfinite(hi) else f">= {lo}"
+        row = [name, int(group.sum())]
+        for targets, rank, first, _ in results.values():
+            row.append(f"{(rank[group] < TOP).mean():.3f}")
+            row.append("" if first is None else f"{first[group].mean():.3f}")
+        rows.append(row)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = base_parser(__doc__.split("\n")[0])
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--run", action="append", default=[], metavar="LABEL=CHECKPOINT",
+                        help="a model or variant and its checkpoint (repeatable); quick mode trains its own")
+    parser.add_argument("--split", choices=["valid", "test"], default="valid")
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    device = setup(args)
+    overrides, tmp = run_overrides(args, parser, device)
+    files = [f for f in args.config_files.split(",") if f]
+    pairs = [r.partition("=")[::2] for r in args.run]
+    if args.quick and not pairs:  # one epoch of each, checkpoints in the temporary folder
+        from recbole_prorec.runner import run
+
+        pairs = [(label, run(label, args.dataset, files, overrides, evaluate_test=False).checkpoint)
+                 for label in ("PRORec", "SASRec-CE")]
+    if not pairs or any(not label or not path for label, path in pairs):
+        parser.error("give at least one --run LABEL=CHECKPOINT")
+    results = {label: evaluate_run(label, path, args.dataset, files, overrides, args.split, device)
+               for label, path in pairs}
+    report = Report(f"Recall@{TOP} by target frequency ({args.dataset}, {args.split})", sys.argv)
+    header = ["training interactions of the target", "users"]
+    for label, _ in pairs:
+        header += [f"{label} Recall@{TOP}", f"{label} first code in top {TOP}"]
+    report.add(f"Checkpoints: {', '.join(f'{label} = `{path}`' for label, path in pairs)}. First code: the share "
+               f"of users whose target's first code is among the top {TOP} items' (models of codes only).\n\n"
+               + markdown_table(header, bucket_rows(results)))
+    report.save(args.out)
+    if tmp:
+        tmp.cleanup()
+    return {label: {"recall@20": float((r[1] < TOP).mean())} for label, r in results.items()}
+
+
+if __name__ == "__main__":
+    main()
