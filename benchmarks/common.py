@@ -354,7 +354,8 @@ def load_run(label: str, root: Path, name: str, overrides: Mapping[str, Any] | N
     from recbole_prorec.build import build
     from recbole_prorec.registry import resolve_model
 
-    overrides = {**SYNTHETIC_OVERRIDES, **(overrides or {})}
+    # built on the CPU (RecBole would start CUDA where there is one); callers move the model
+    overrides = {**SYNTHETIC_OVERRIDES, "gpu_id": "", **(overrides or {})}
     return build(resolve_model(label), name, [], overrides, data_folder=Path(root))
 
 

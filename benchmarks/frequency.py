@@ -1,9 +1,10 @@
 """Where trained models win and lose: Recall@20 by how often the target item occurs in training.
 
 For each ``--run LABEL=CHECKPOINT`` (a model or variant and a checkpoint the runner saved for it)
-the script rebuilds the run's data (PRORec: its cached Stage-I artifact, same settings), loads the
-weights and ranks every user's target of ``--split`` with the full-ranking protocol. Users are
-grouped by their target's number of training interactions; per group it reports Recall@20 of each
+the script rebuilds the run's data (PRORec: its Stage-I artifact for the same settings, which Stage I
+writes first if it is not cached), loads the weights and ranks every user's target of ``--split``
+with the full-ranking protocol. Users are grouped by how often their target is a training target
+(RecBole's training examples, one per history prefix); per group it reports Recall@20 of each
 run and, for models of codes, the share of users whose target's first code is among the top 20's.
 That separates items the model cannot rank (rare ones) from clusters it cannot find. ``valid``
 is the default; ``--split test`` reads the test split, for explaining a reported row only.
@@ -106,18 +107,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
                  for label in ("PRORec", "SASRec-CE")]
     if not pairs or any(not label or not path for label, path in pairs):
         parser.error("give at least one --run LABEL=CHECKPOINT")
-    results = {label: evaluate_run(label, path, args.dataset, files, overrides, args.split, device)
-               for label, path in pairs}
-    report = Report(f"Recall@{TOP} by target frequency ({args.dataset}, {args.split})", sys.argv)
-    header = ["training interactions of the target", "users"]
+    try:
+        results = {label: evaluate_run(label, path, args.dataset, files, overrides, args.split, device)
+                   for label, path in pairs}
+    finally:
+        if tmp:
+            tmp.cleanup()
+    report = Report(f"Recall@{TOP} by target frequency ({args.dataset}, {args.split})",
+                    ["benchmarks/frequency.py", *(sys.argv[1:] if argv is None else argv)])
+    header = ["times the target is a training target", "users"]
     for label, _ in pairs:
         header += [f"{label} Recall@{TOP}", f"{label} first code in top {TOP}"]
     report.add(f"Checkpoints: {', '.join(f'{label} = `{path}`' for label, path in pairs)}. First code: the share "
                f"of users whose target's first code is among the top {TOP} items' (models of codes only).\n\n"
                + markdown_table(header, bucket_rows(results)))
     report.save(args.out)
-    if tmp:
-        tmp.cleanup()
     return {label: {"recall@20": float((r[1] < TOP).mean())} for label, r in results.items()}
 
 

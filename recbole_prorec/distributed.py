@@ -6,7 +6,10 @@ join a gloo group instead. A run is distributed when its config's ``single_spec`
 """
 from __future__ import annotations
 
+import pickle
 import socket
+import tempfile
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -75,10 +78,10 @@ def summed(counts: dict[str, float], config, device) -> dict[str, float]:
     return dict(zip(names, total.tolist()))
 
 
-def _worker(rank: int, fn: Callable, args: tuple, overrides: dict, queue) -> None:
+def _worker(rank: int, fn: Callable, args: tuple, overrides: dict, result_file: str) -> None:
     result = fn(*args, {**overrides, "local_rank": rank})
-    if rank == 0:
-        queue.put(result)
+    if rank == 0:  # a file, not a pipe: a large result (a long curve) must not block the exit
+        Path(result_file).write_bytes(pickle.dumps(result))
 
 
 def launch(fn: Callable, args: tuple, overrides: dict, nproc: int) -> Any:
@@ -88,6 +91,7 @@ def launch(fn: Callable, args: tuple, overrides: dict, nproc: int) -> Any:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ddp = {"world_size": nproc, "nproc": nproc, "offset": 0, "ip": "127.0.0.1", "port": port}
-    queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_worker, args=(fn, args, {**overrides, **ddp}, queue), nprocs=nproc)
-    return queue.get()
+    with tempfile.TemporaryDirectory(prefix="prorec-ddp-") as tmp:
+        result_file = str(Path(tmp) / "rank0.pkl")
+        mp.spawn(_worker, args=(fn, args, {**overrides, **ddp}, result_file), nprocs=nproc)
+        return pickle.loads(Path(result_file).read_bytes())

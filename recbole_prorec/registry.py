@@ -19,6 +19,7 @@ from recbole_prorec.sasrec_bce import SASRecBCE
 # switch is turned off once, here, after them.
 torch.autograd.set_detect_anomaly(False)
 
+# Model modules are imported here directly, so they must never import registry or build (a cycle).
 OWN_MODELS: dict[str, type] = {m.__name__: m for m in (PRORec, PRORecDIN, SASRecBCE)}
 
 

@@ -1,7 +1,7 @@
 """Command-line runner: any RecBole sequential model or PRORec, one protocol, one results table.
 
 Deliberately avoids ``recbole.quick_start`` (it imports ray at import time and can only find
-RecBole's own models); it builds config, dataset, loaders, model and trainer itself.
+RecBole's own models); runs are built by ``build.py`` and trained by ``trainer.SafeTrainer``.
 """
 from __future__ import annotations
 
@@ -132,7 +132,8 @@ def run_distributed(label: str, dataset: str, config_files: Sequence[str], overr
     """RecBole's multi-process DDP (gloo on CPU, NCCL on GPU); rank 0's result is returned.
     PRORec's Stage I runs here first, in one process; the workers then find its artifact."""
     stage1_folder(resolve_model(label), dataset, config_files, overrides)
-    return ddp.launch(run, (label, dataset, config_files), dict(overrides), nproc)
+    # the workers reuse that artifact: one Stage I, not one more per rank
+    return ddp.launch(run, (label, dataset, config_files), {**overrides, "stage1_rerun": False}, nproc)
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str, str]]:
@@ -160,13 +161,12 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     args, overrides = parse_args(argv)
     files = [f for f in args.config_files.split(",") if f]
     labels = [m.strip() for m in args.model.split(",") if m.strip()]
-    for label in labels:  # fail fast on a typo before hours of training
-        resolve_model(label)
+    specs = [resolve_model(label) for label in labels]  # fail fast on a typo before hours of training
     if args.stage == "unicode":
-        for label in labels:
-            spec = resolve_model(label)
+        for spec in specs:
             if not spec.needs_stage1:
-                raise ValueError(f"--stage=unicode needs a model with a Stage I (PRORec), not {label}")
+                raise ValueError(f"--stage=unicode needs a model with a Stage I (PRORec), not {spec.label}")
+        for spec in specs:
             print(f"unicode dataset written to {stage1_folder(spec, args.dataset, files, overrides)}")
         return []
     results = []

@@ -1,4 +1,4 @@
-"""Baselines RecBole lacks in the form the paper compares against."""
+"""SASRec with its own paper's loss, a baseline RecBole lacks in the form PRORec's paper compares against."""
 from __future__ import annotations
 
 import torch

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from logging import getLogger
 from pathlib import Path
 from time import monotonic
@@ -104,6 +104,14 @@ class Stage1Result:
         record.update(quantize_seconds=self.quantize_seconds, codes=self.codes)
         return record
 
+    @classmethod
+    def load(cls, artifact: Artifact) -> "Stage1Result":
+        """The result an earlier run recorded in the artifact's ``stage1.json``."""
+        report = artifact.report()
+        din = {f.name: report[f.name] for f in fields(DINTraining) if f.name in report}
+        return cls(artifact, report["items"], report["config"], report["codes"], report.get("semantic_seconds", 0.0),
+                   report.get("quantize_seconds", 0.0), DINTraining(**din) if din else None, reused=True)
+
 
 def run_stage1(dataset: str, config_files: Sequence[str], overrides: Mapping[str, Any]) -> Stage1Result:
     """Run Stage I, or reuse its artifact for the same settings and data (``stage1_rerun`` retrains)."""
@@ -115,7 +123,7 @@ def run_stage1(dataset: str, config_files: Sequence[str], overrides: Mapping[str
     check_settings(config, artifact, source)
     if artifact.complete and not config["stage1_rerun"]:
         logger.info(f"Stage I: reusing unicodes in {artifact.folder} (stage1_rerun=True to retrain)")
-        return reused(artifact)
+        return Stage1Result.load(artifact)
     run = load_data(ModelSpec("PRORecDIN", PRORecDIN), config)
     tokens = list(run.dataset.field2id_token[config["ITEM_ID_FIELD"]])[1:]
     emb, semantic_seconds, din = integrated_embeddings(run)
@@ -138,13 +146,6 @@ def check_settings(config, artifact: Artifact, source: Path) -> None:
     if config["fusion"] in WITHOUT_CKA and config["cka_weight"]:
         raise ValueError(f"fusion {config['fusion']!r} fuses a DIN trained without CKA: set cka_weight: 0 "
                          f"(got {config['cka_weight']}; the PRORec-collab and PRORec-concat variants do)")
-
-
-def reused(artifact: Artifact) -> Stage1Result:
-    report = artifact.report()
-    din = {k: report[k] for k in DINTraining.__dataclass_fields__ if k in report}
-    return Stage1Result(artifact, report["items"], report["config"], report["codes"], report.get("semantic_seconds", 0.0),
-                        report.get("quantize_seconds", 0.0), DINTraining(**din) if din else None, reused=True)
 
 
 def quantizer_kwargs(config) -> dict:

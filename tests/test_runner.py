@@ -155,3 +155,20 @@ def test_ddp_prorec_trains_stage1_once_then_stage2_on_two_processes(tiny_overrid
     result = run_distributed("PRORec", "tiny", [], overrides, 2)
     assert len(list((tmp_path / "unicode").glob("tiny-*/tiny/stage1.json"))) == 1
     assert result.label == "PRORec" and result.epochs_run == 1 and 0.0 < result.test["recall@20"] <= 1.0
+
+
+def test_stage_unicode_writes_only_the_artifact(tiny_overrides, tmp_path, capsys):
+    import yaml
+
+    overrides = tiny_overrides(unicode_dir=str(tmp_path / "unicode"), checkpoint_dir=str(tmp_path / "saved"))
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(overrides), encoding="utf-8")
+    base = ["--dataset=tiny", "--stage=unicode", f"--config_files={config_file}", f"--results_file={tmp_path / 't.md'}"]
+    # every model is checked before any Stage I starts
+    with pytest.raises(ValueError, match="--stage=unicode needs a model with a Stage I.*SASRec"):
+        main(["--model=PRORec,SASRec", *base])
+    assert not (tmp_path / "unicode").exists()
+    assert main(["--model=PRORec", *base]) == []
+    reports = list((tmp_path / "unicode").glob("tiny-*/tiny/stage1.json"))
+    assert len(reports) == 1 and f"unicode dataset written to {reports[0].parent.parent}" in capsys.readouterr().out
+    assert not (tmp_path / "t.md").exists() and not list((tmp_path / "saved").glob("PRORec-*.pth"))  # no Stage II

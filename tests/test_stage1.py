@@ -136,6 +136,8 @@ def test_second_run_reuses_the_output(stage1_folder, tiny_overrides, monkeypatch
 def test_stage1_key_follows_stage1_settings(stage1_folder, tiny_overrides):
     key = stage1_key(stage1_config(DATASET, [], tiny_overrides()))
     assert stage1_folder.name == f"{DATASET}-{key}"
+    # pinned: when this changes, every cached Stage-I artifact trains again; say so where it is meant
+    assert key == "8fe03edba356"
     for changed in ({"codebook_size": 8}, {"fusion": "concat"}, {"cka_weight": 0.5}, {"stage1": {"epochs": 3}},
                     {"stage1": {"train_time_budget": 5}}, {"stage1": {"weight_decay": 0.1}},
                     {"stage1": {"stopping_step": 2}}, {"seed": 1}, {"MAX_ITEM_LIST_LENGTH": 10}):
@@ -305,6 +307,14 @@ def test_unknown_fusion_is_refused(tiny_overrides, monkeypatch):
     monkeypatch.setattr(stage1_mod, "train_din", forbid_training)
     with pytest.raises(ValueError, match="fusion.*'magic'"):
         stage1_root(DATASET, [], tiny_overrides(fusion="magic"))
+
+
+@pytest.mark.parametrize("fusion", ["collab_only", "concat"])
+def test_fusion_without_cka_refuses_a_cka_weight(tiny_overrides, monkeypatch, fusion):
+    monkeypatch.setattr(stage1_mod, "train_din", forbid_training)
+    with pytest.raises(ValueError, match=f"fusion '{fusion}'.*cka_weight: 0"):
+        stage1_root(DATASET, [], tiny_overrides(fusion=fusion))
+    assert resolve_model({"collab_only": "PRORec-collab", "concat": "PRORec-concat"}[fusion]).overrides["cka_weight"] == 0
 
 
 def test_codebook_size_below_two_is_refused(tiny_overrides):
