@@ -41,6 +41,8 @@ class RunResult:
     test: dict = field(default_factory=dict)
     curve: list = field(default_factory=list)  # per validated epoch: losses, metrics, seconds
     checkpoint: str = ""  # the best epoch's weights
+    best_valid_score: float = float("nan")  # the valid_metric at the best epoch
+    valid_score_bigger: bool = True
 
     def row(self) -> str:
         cells = [self.label] + [f"{self.test.get(m, float('nan')):.4f}" for m in TABLE_METRICS]
@@ -68,9 +70,11 @@ def run(
     config_files: Sequence[str] = (),
     overrides: Mapping[str, Any] | None = None,
     evaluate_test: bool = True,
+    saved: bool = True,
 ) -> RunResult:
     """Train and test one model on one dataset (PRORec: Stage I first, or its cached artifact);
-    ``evaluate_test=False`` leaves the test split unread, for tuning on validation curves."""
+    ``evaluate_test=False`` leaves the test split unread, for tuning on validation curves;
+    ``saved=False`` (RecBole's flag) writes no checkpoint and tests the last epoch's weights."""
     overrides = dict(overrides or {})
     spec = resolve_model(label)
     folder = stage1_folder(spec, dataset, config_files, overrides)
@@ -92,8 +96,8 @@ def run(
     if config["load_checkpoint"]:  # test a trained model instead of training one
         trainer.saved_model_file = config["load_checkpoint"]
     else:
-        trainer.fit(data.train, data.valid, saved=True, show_progress=show)
-    test_result = trainer.evaluate(data.test, load_best_model=True, show_progress=show) if evaluate_test else {}
+        trainer.fit(data.train, data.valid, saved=saved, show_progress=show)
+    test_result = trainer.evaluate(data.test, load_best_model=saved, show_progress=show) if evaluate_test else {}
     logger.info(f"best valid: {trainer.best_valid_result}")
     if evaluate_test:
         logger.info(f"test result: {test_result}")
@@ -107,7 +111,9 @@ def run(
         valid=dict(trainer.best_valid_result or {}),
         test=dict(test_result or {}),
         curve=trainer.curve,
-        checkpoint=trainer.saved_model_file,
+        checkpoint=trainer.saved_model_file if saved else "",
+        best_valid_score=float(trainer.best_valid_score),
+        valid_score_bigger=bool(config["valid_metric_bigger"]),
     )
 
 

@@ -1,0 +1,80 @@
+"""RecBole's quick-start API for this package: ``run``, ``load_data_and_model`` and ``Config``.
+
+The same names, arguments and return values as ``recbole.quick_start`` and ``recbole.config``, so
+a RecBole user's script works with PRORec by changing its imports. What differs is inside: our
+YAML defaults are read, PRORec's Stage I runs (or is reused) before Stage II's data is loaded,
+and checkpoints are read with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from recbole_prorec import runner
+from recbole_prorec.build import load_data
+from recbole_prorec.config import ProjectConfig, plain_config
+from recbole_prorec.distributed import DDP_KEYS
+from recbole_prorec.logs import start_log
+from recbole_prorec.registry import resolve_model
+from recbole_prorec.trainer import SafeTrainer, load_checkpoint
+
+# Keys of a saved config that describe the machine or the data's place, not the run's settings.
+MACHINE_KEYS = {"data_path", "device", "gpu_id", "use_gpu", "single_spec", "checkpoint_dir", *DDP_KEYS}
+
+
+def _label(model: str | type) -> str:
+    return model if isinstance(model, str) else model.__name__
+
+
+def Config(  # noqa: N802 - RecBole's name, so a RecBole script only changes its import
+    model: str | type,
+    dataset: str,
+    config_file_list: Sequence[str] | None = None,
+    config_dict: Mapping[str, Any] | None = None,
+) -> ProjectConfig:
+    """RecBole's ``Config(model, dataset, config_file_list, config_dict)`` with our YAML layers; for
+    PRORec its ``data_path`` is the Stage-I artifact (Stage I runs first if it is not cached)."""
+    spec = resolve_model(_label(model))
+    files, overrides = list(config_file_list or []), dict(config_dict or {})
+    folder = runner.stage1_folder(spec, dataset, files, overrides)
+    return ProjectConfig(spec, dataset, files, overrides, data_folder=folder)
+
+
+def run(
+    model: str | type,
+    dataset: str,
+    config_file_list: Sequence[str] | None = None,
+    config_dict: Mapping[str, Any] | None = None,
+    saved: bool = True,
+) -> dict[str, Any]:
+    """Train and test ``model`` (a name, a variant or a class) on ``dataset``; returns RecBole's
+    ``run_recbole`` dict: best_valid_score, valid_score_bigger, best_valid_result, test_result."""
+    result = runner.run(_label(model), dataset, list(config_file_list or []), dict(config_dict or {}), saved=saved)
+    return {
+        "best_valid_score": result.best_valid_score,
+        "valid_score_bigger": result.valid_score_bigger,
+        "best_valid_result": result.valid,
+        "test_result": result.test,
+    }
+
+
+def load_data_and_model(model_file: str | Path):
+    """``(config, model, dataset, train_data, valid_data, test_data)`` of a checkpoint the runner
+    saved, rebuilt from the settings it records (only those that differ from the defaults are
+    replayed), with the best weights loaded."""
+    saved = load_checkpoint(str(model_file))["config"]
+    spec = resolve_model(saved.get("model_label") or saved["model"])
+    folder = Path(saved["data_path"]).parent
+    if not (folder / saved["dataset"]).is_dir():
+        if spec.needs_stage1:
+            raise FileNotFoundError(f"{model_file} was trained on the Stage-I artifact {folder / saved['dataset']}, "
+                                    "which is not here: run Stage I again with the same settings")
+        folder = None  # the data moved: look for the dataset where a run would
+    defaults = plain_config(ProjectConfig(spec, saved["dataset"], data_folder=folder))
+    overrides = {k: v for k, v in saved.items() if k not in MACHINE_KEYS and defaults.get(k, object()) != v}
+    config = ProjectConfig(spec, saved["dataset"], (), overrides, data_folder=folder)
+    start_log(config)
+    data = load_data(spec, config)
+    model = data.model()
+    SafeTrainer(config, model).load_best(str(model_file))
+    return config, model, data.dataset, data.train, data.valid, data.test

@@ -1,0 +1,68 @@
+"""The RecBole-style API: run, load_data_and_model, Config and the exported model classes."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DATASET
+
+
+@pytest.mark.parametrize("model", ["SASRec-CE", "PRORec"])
+def test_run_returns_recboles_dict_and_the_checkpoint_reloads_to_the_same_test_result(model, tiny_overrides, tmp_path):
+    from recbole_prorec import load_data_and_model, run
+    from recbole_prorec.trainer import SafeTrainer
+
+    overrides = tiny_overrides(checkpoint_dir=str(tmp_path / "saved"))
+    result = run(model, DATASET, config_dict=overrides)
+    assert set(result) == {"best_valid_score", "valid_score_bigger", "best_valid_result", "test_result"}
+    assert result["valid_score_bigger"] is True
+    assert result["best_valid_score"] == pytest.approx(result["best_valid_result"]["ndcg@10"])
+    (checkpoint,) = [p for p in (tmp_path / "saved").glob("*.pth") if "DIN" not in p.name]
+    config, loaded, dataset, train, valid, test = load_data_and_model(checkpoint)
+    assert config["model_label"] == model and type(loaded).__name__ == config["model"]
+    assert config["hidden_size"] == overrides["hidden_size"]  # the run's settings are replayed
+    again = SafeTrainer(config, loaded).evaluate(test, load_best_model=False)
+    assert dict(again) == pytest.approx(dict(result["test_result"]), abs=1e-4)
+
+
+def test_a_recbole_style_script_trains_prorec(tiny_overrides, tmp_path):
+    """What a RecBole user writes, with our imports: Config -> create_dataset -> data_preparation
+    -> model -> trainer. Config runs (here: reuses) Stage I and points data_path at its artifact."""
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import init_seed
+
+    from recbole_prorec import PRORec, Config
+    from recbole_prorec.trainer import SafeTrainer
+
+    config = Config(model=PRORec, dataset=DATASET, config_dict=tiny_overrides(checkpoint_dir=str(tmp_path)))
+    assert Path(config["data_path"]).parent.name.startswith(f"{DATASET}-")  # the Stage-I artifact
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    train, valid, test = data_preparation(config, dataset)
+    model = PRORec(config, train._dataset).to(config["device"])
+    trainer = SafeTrainer(config, model)
+    best_score, _ = trainer.fit(train, valid, saved=True)
+    result = trainer.evaluate(test)
+    assert 0 <= best_score <= 1 and 0 <= result["recall@20"] <= 1
+    assert torch.isfinite(torch.tensor(list(result.values()))).all()
+
+
+def test_package_exports_the_api():
+    import recbole_prorec
+
+    assert set(recbole_prorec.__all__) == {"Config", "PRORec", "PRORecDIN", "SASRecBCE", "load_data_and_model", "run"}
+    assert recbole_prorec.PRORec.needs_stage1 and not getattr(recbole_prorec.SASRecBCE, "needs_stage1", False)
+
+
+def test_load_data_and_model_names_a_missing_stage1_artifact(tiny_overrides, tmp_path):
+    from recbole_prorec import load_data_and_model, run
+    from recbole_prorec.trainer import load_checkpoint
+
+    run("PRORec", DATASET, config_dict=tiny_overrides(checkpoint_dir=str(tmp_path / "saved")))
+    (src,) = (tmp_path / "saved").glob("PRORec-*.pth")
+    state = load_checkpoint(str(src))
+    state["config"]["data_path"] = str(tmp_path / "gone-123" / DATASET)
+    moved = tmp_path / "moved.pth"
+    torch.save(state, moved)
+    with pytest.raises(FileNotFoundError, match="gone-123.*run Stage I again"):
+        load_data_and_model(moved)
