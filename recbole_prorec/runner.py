@@ -153,6 +153,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str
     parser.add_argument("--nproc", type=int, default=1, help="processes for RecBole's DDP")
     parser.add_argument("--stage", choices=["all", "unicode"], default="all")
     parser.add_argument("--results_file", default=None, help="Markdown table (default results/<dataset>.md)")
+    parser.add_argument("--recommend", action="store_true",
+                        help="print top-k items of a trained model (--load_checkpoint=FILE) for --user or --history")
+    parser.add_argument("--user", default=None, help="with --recommend: comma-separated user ids")
+    parser.add_argument("--history", default=None, help="with --recommend: comma-separated item ids, oldest first")
+    parser.add_argument("--k", type=int, default=10, help="with --recommend: items per user")
+    parser.add_argument("--exclude_history", action="store_true", help="with --recommend: drop items already seen")
     args, rest = parser.parse_known_args(argv)
     overrides = {}
     for arg in rest:
@@ -163,8 +169,25 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str
     return args, overrides
 
 
+def print_recommendations(args, overrides: Mapping[str, str]) -> None:
+    from recbole_prorec.recommend import recommend
+
+    if not overrides.get("load_checkpoint"):
+        raise ValueError("--recommend needs --load_checkpoint=FILE (a checkpoint the runner saved)")
+    users = args.user.split(",") if args.user else None
+    history = [args.history.split(",")] if args.history else None
+    for rec in recommend(overrides["load_checkpoint"], users, history, args.k, args.exclude_history):
+        print(f"\n{'user ' + rec.user if rec.user else 'history'} (last items: {', '.join(rec.history[-5:])})")
+        print("| rank | item | score | title |\n|---|---|---|---|")
+        for rank, (item, value, title) in enumerate(zip(rec.items, rec.scores, rec.titles), 1):
+            print(f"| {rank} | {item} | {value:.4f} | {title} |")
+
+
 def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     args, overrides = parse_args(argv)
+    if args.recommend:
+        print_recommendations(args, overrides)
+        return []
     files = [f for f in args.config_files.split(",") if f]
     labels = [m.strip() for m in args.model.split(",") if m.strip()]
     specs = [resolve_model(label) for label in labels]  # fail fast on a typo before hours of training

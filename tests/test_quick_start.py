@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DATASET
+from conftest import DATASET, ITEMS_WITHOUT_ROW
 
 
 @pytest.mark.parametrize("model", ["SASRec-CE", "PRORec"])
@@ -66,3 +66,59 @@ def test_load_data_and_model_names_a_missing_stage1_artifact(tiny_overrides, tmp
     torch.save(state, moved)
     with pytest.raises(FileNotFoundError, match="gone-123.*run Stage I again"):
         load_data_and_model(moved)
+
+
+@pytest.fixture(scope="module")
+def trained_prorec(tiny_overrides, tmp_path_factory):
+    from recbole_prorec import run
+
+    saved = tmp_path_factory.mktemp("rec")
+    run("PRORec", DATASET, config_dict=tiny_overrides(checkpoint_dir=str(saved)))
+    (checkpoint,) = saved.glob("PRORec-*.pth")
+    return checkpoint
+
+
+def test_recommend_equals_the_evaluators_beam_search(trained_prorec):
+    from recbole_prorec import load_data_and_model
+    from recbole_prorec.recommend import recommend
+
+    _, model, dataset, _, _, test = load_data_and_model(trained_prorec)
+    batch = next(iter(test))[0]
+    items, scores = model.eval().beam_search(batch)
+    for row in range(3):
+        length = int(batch[model.ITEM_SEQ_LEN][row])
+        history = dataset.id2token(dataset.iid_field, batch[model.ITEM_SEQ][row, :length].numpy()).tolist()
+        (rec,) = recommend(trained_prorec, history=[history], k=10)
+        assert rec.items == dataset.id2token(dataset.iid_field, items[row, :10].numpy()).tolist()
+        assert rec.scores == pytest.approx(scores[row, :10].tolist(), abs=1e-5)
+        # titles come from the .item file; items without a row there have none
+        assert [bool(t) for t in rec.titles] == [i not in ITEMS_WITHOUT_ROW for i in rec.items]
+
+
+def test_recommend_for_users_reads_their_whole_history(trained_prorec, capsys):
+    from recbole_prorec import load_data_and_model
+    from recbole_prorec.recommend import recommend
+    from recbole_prorec.runner import main
+
+    _, _, dataset, _, _, test = load_data_and_model(trained_prorec)
+    user = dataset.id2token(dataset.uid_field, [1])[0]
+    target = test.dataset.inter_feat  # the test split's rows: each user's last interaction
+    last = target[dataset.iid_field][target[dataset.uid_field] == 1]
+    (rec,) = recommend(trained_prorec, user_ids=[user], k=5, exclude_history=True)
+    assert rec.user == user and rec.history[-1] == dataset.id2token(dataset.iid_field, last.numpy())[-1]
+    assert len(rec.items) == 5 and not set(rec.items) & set(rec.history)  # nothing already seen
+    assert rec.scores == sorted(rec.scores, reverse=True)
+    main(["--recommend", f"--load_checkpoint={trained_prorec}", f"--user={user}", "--k=3"])
+    out = capsys.readouterr().out
+    assert f"user {user}" in out and out.count("\n| ") == 1 + 3  # header row, then 3 items
+
+
+def test_recommend_names_unknown_users_and_items(trained_prorec):
+    from recbole_prorec.recommend import recommend
+
+    with pytest.raises(ValueError, match=r"unknown user id\(s\) \['nobody'\]"):
+        recommend(trained_prorec, user_ids=["nobody"])
+    with pytest.raises(ValueError, match=r"unknown item id\(s\) \['no-such-item'\]"):
+        recommend(trained_prorec, history=[["no-such-item"]])
+    with pytest.raises(ValueError, match="either user_ids or history"):
+        recommend(trained_prorec)
