@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from datetime import datetime
 from dataclasses import dataclass, field
 from logging import getLogger
@@ -41,6 +42,8 @@ class RunResult:
     test: dict = field(default_factory=dict)
     curve: list = field(default_factory=list)  # per validated epoch: losses, metrics, seconds
     checkpoint: str = ""  # the best epoch's weights
+    log_file: str = ""
+    data_folder: str = ""  # PRORec: its Stage-I artifact (the unicode dataset folder)
     best_valid_score: float = float("nan")  # the valid_metric at the best epoch
     valid_score_bigger: bool = True
 
@@ -79,7 +82,7 @@ def run(
     spec = resolve_model(label)
     folder = stage1_folder(spec, dataset, config_files, overrides)
     config = ProjectConfig(spec, dataset, config_files, overrides, data_folder=folder)
-    start_log(config)
+    log_file = start_log(config)
     logger = getLogger()
     logger.info(config)
     for key in config.unknown_keys():
@@ -112,6 +115,8 @@ def run(
         test=dict(test_result or {}),
         curve=trainer.curve,
         checkpoint=trainer.saved_model_file if saved else "",
+        log_file=log_file,
+        data_folder=config["data_path"] if folder else "",
         best_valid_score=float(trainer.best_valid_score),
         valid_score_bigger=bool(config["valid_metric_bigger"]),
     )
@@ -184,6 +189,14 @@ def print_recommendations(args, overrides: Mapping[str, str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> list[RunResult]:
+    """The command line; RecBole's third-party FutureWarnings (pandas, torch.cuda.amp), which it
+    raises on every run and the user cannot act on, are silenced here, not in library code."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole(\.|$)")
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> list[RunResult]:
     args, overrides = parse_args(argv)
     if args.recommend:
         print_recommendations(args, overrides)
@@ -213,4 +226,8 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
             f.write(f"\n## {args.dataset}, {datetime.now():%Y-%m-%d %H:%M}\n\n`{command}`\n\n{table}\n")
         print(table)
         print(f"results written to {out}")
+        for r in results:
+            where = [f"checkpoint {r.checkpoint or '(not saved)'}", f"log {r.log_file or '(none)'}"]
+            where += [f"unicode dataset {r.data_folder}"] if r.data_folder else []
+            print(f"{r.label}: " + ", ".join(where))
     return results

@@ -1,5 +1,6 @@
 """End-to-end runner on the bundled ml-100k, and weights_only-safe checkpoints."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,3 +173,32 @@ def test_stage_unicode_writes_only_the_artifact(tiny_overrides, tmp_path, capsys
     reports = list((tmp_path / "unicode").glob("tiny-*/tiny/stage1.json"))
     assert len(reports) == 1 and f"unicode dataset written to {reports[0].parent.parent}" in capsys.readouterr().out
     assert not (tmp_path / "t.md").exists() and not list((tmp_path / "saved").glob("PRORec-*.pth"))  # no Stage II
+
+
+def test_command_line_silences_recboles_future_warnings_and_says_where_outputs_are(tiny_overrides, tmp_path, capsys):
+    import warnings
+
+    import yaml
+
+    from recbole_prorec.runner import _main
+
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_overrides(checkpoint_dir=str(tmp_path / "saved"))), encoding="utf-8")
+    argv = ["--model=PRORec", "--dataset=tiny", f"--config_files={config_file}", f"--results_file={tmp_path / 't.md'}"]
+
+    def recbole_future_warnings(entry) -> list:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            results = entry(argv)
+        return results, [w for w in seen if issubclass(w.category, FutureWarning) and "recbole" in w.filename]
+
+    _, raw = recbole_future_warnings(_main)
+    assert raw, "RecBole no longer warns: the filter in main() can go"
+    (result,), silenced = recbole_future_warnings(main)
+    assert silenced == []
+    out = capsys.readouterr().out
+    # under pytest RecBole writes no log file (its basicConfig is a no-op beside pytest's handler)
+    log = result.log_file or "(none)"
+    assert f"PRORec: checkpoint {result.checkpoint}, log {log}, unicode dataset {result.data_folder}" in out
+    assert Path(result.checkpoint).is_file() and (not result.log_file or Path(result.log_file).is_file())
+    assert (Path(result.data_folder) / "stage1.json").is_file()
