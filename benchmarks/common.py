@@ -10,6 +10,7 @@ import ctypes
 import gc
 import os
 import platform
+import shlex
 import statistics
 import sys
 import threading
@@ -255,7 +256,7 @@ class Report:
     """Collects printed sections; ``save`` writes them as one Markdown file."""
 
     def __init__(self, title: str, command: Sequence[str] | None):
-        self.parts = [f"# {title}", "", f"`python {' '.join(command or [])}`", "", environment_line(), ""]
+        self.parts = [f"# {title}", "", f"`python {shlex.join(command or [])}`", "", environment_line(), ""]
         print(self.parts[-2], flush=True)
 
     def add(self, text: str) -> None:

@@ -16,6 +16,7 @@ curves of separate invocations share one table and one plot; ``--tag`` names a c
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -113,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     save = out.with_suffix(".json") if out else None
     records = json.loads(save.read_text()) if args.append and save.is_file() else []
     try:
-        train_curves(labels, seeds, args.dataset, files, overrides, args.tag, "python " + " ".join(command),
+        train_curves(labels, seeds, args.dataset, files, overrides, args.tag, "python " + shlex.join(command),
                      records, save)
     finally:
         if tmp is not None:

@@ -134,6 +134,15 @@ class SafeTrainer(Trainer):
             return {}
         return {name: float(loss) / max(1, self._batches_per_epoch) for name, loss in zip(names, losses)}
 
+    def _add_train_loss_to_tensorboard(self, epoch_idx, losses, tag="Loss/Train"):
+        """Each loss part under its name (``Loss/Train/gen_l1``, ...) as a mean per batch, where
+        RecBole writes the epoch's sums as ``Loss/Train0``, ``Loss/Train1``, ..."""
+        named = self._mean_losses(losses)
+        if not named:
+            return super()._add_train_loss_to_tensorboard(epoch_idx, losses, tag)
+        for name, value in named.items():
+            self.tensorboard.add_scalar(f"{tag}/{name}", value, epoch_idx)
+
     def _valid_epoch(self, valid_data, show_progress=False):
         score, result = super()._valid_epoch(valid_data, show_progress)
         entry = {"epoch": self._epoch, "train_s": self.train_time, "elapsed_s": monotonic() - self._fit_start}

@@ -106,3 +106,24 @@ def test_checkpoint_of_the_other_last_code_form_is_named(stage2, tmp_path):
     finally:
         config["last_code_token"] = "item"
         config.final_config_dict.update(saved)
+
+
+def test_tensorboard_holds_each_loss_part_by_name(tiny_overrides, tmp_path, monkeypatch):
+    """RecBole's SummaryWriter (log_tensorboard/ under the working directory) gets one scalar per
+    loss part and epoch, named as in the training log, with the log's values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from recbole_prorec.runner import run
+
+    monkeypatch.chdir(tmp_path)
+    result = run("PRORec", "tiny", [], tiny_overrides(checkpoint_dir=str(tmp_path / "saved"), epochs=2))
+    (events,) = {p.parent for p in (tmp_path / "log_tensorboard").rglob("events.out.tfevents.*")}
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    parts = [f"Loss/Train/{name}" for name in ("gen_l1", "gen_l2", "ikd")]
+    assert set(parts) <= set(acc.Tags()["scalars"])
+    assert not any(tag.startswith("Loss/Train0") for tag in acc.Tags()["scalars"])
+    for part in parts:
+        values = [(e.step, e.value) for e in acc.Scalars(part)]
+        name = part.rsplit("/", 1)[1]
+        assert values == [(entry["epoch"], pytest.approx(entry[name], rel=1e-5)) for entry in result.curve]
