@@ -16,7 +16,7 @@ from recbole.utils import init_seed
 
 from recbole_prorec.artifact import require_codes
 from recbole_prorec.config import ProjectConfig
-from recbole_prorec.data import check_columns
+from recbole_prorec.data import check_columns, check_rows
 from recbole_prorec.registry import ModelSpec
 
 
@@ -41,7 +41,11 @@ def load_data(spec: ModelSpec, config: ProjectConfig) -> Run:
     """Check the columns ``load_col`` names, then build the dataset and its loaders, seeded."""
     if spec.needs_stage1:
         require_codes(Path(config["data_path"]), config["dataset"])
-    check_columns(Path(config["data_path"]).parent, config["dataset"], config["load_col"])
+    folder = Path(config["data_path"])
+    check_columns(folder.parent, config["dataset"], config["load_col"])
+    for suffix, unique in (("inter", None), ("item", config["ITEM_ID_FIELD"])):
+        if (folder / f"{config['dataset']}.{suffix}").is_file():
+            check_rows(folder / f"{config['dataset']}.{suffix}", unique)
     init_seed(config["seed"], config["reproducibility"])
     data = create_dataset(config)
     train, valid, test = data_preparation(config, data)

@@ -84,6 +84,30 @@ def check_columns(folder: Path, name: str, load_col: Mapping[str, Sequence[str]]
             )
 
 
+def check_rows(path: Path, unique_id: str | None = None) -> None:
+    """Every line of an atomic file has as many fields as its header: RecBole reads a file cut
+    mid-line or a stray tab without a word, shifting or dropping values. ``unique_id`` (an
+    ``.item`` file's id column) must name each row once; RecBole would keep one row silently."""
+    header = read_header(path)
+    column = header.index(unique_id) if unique_id in header else None
+    first_line: dict[str, int] = {}
+    with open(path, encoding="utf-8", newline="") as f:  # lines end where RecBole's reader ends them
+        next(f)
+        for number, line in enumerate(f, start=2):
+            fields = line.rstrip("\r\n").split("\t")
+            if fields == [""]:
+                continue
+            if len(fields) != len(header):
+                raise ValueError(f"{path}, line {number}: {len(fields)} fields where the header has {len(header)} "
+                                 f"({line.strip()[:60]!r}): a file cut mid-line, or a tab inside a value?")
+            if column is not None:
+                key = fields[column]
+                if key in first_line:
+                    raise ValueError(f"{path}, line {number}: '{key}' has a row already (line {first_line[key]}); "
+                                     f"each {unique_id} needs exactly one")
+                first_line[key] = number
+
+
 def statistics(dataset: Dataset) -> dict:
     """Counts as in the paper's Table 2 (RecBole's counts include one padding id)."""
     users, items, inters = dataset.user_num - 1, dataset.item_num - 1, dataset.inter_num
