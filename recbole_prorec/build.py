@@ -58,8 +58,6 @@ def build(
     config_files: Sequence[str | Path] = (),
     overrides: Mapping[str, Any] | None = None,
     data_folder: Path | None = None,
-    apply_block: str | None = None,
 ) -> Run:
     """Config, dataset and loaders of one run (``run.model()`` then makes its model)."""
-    config = ProjectConfig(spec, dataset, config_files, overrides, data_folder=data_folder, apply_block=apply_block)
-    return load_data(spec, config)
+    return load_data(spec, ProjectConfig(spec, dataset, config_files, overrides, data_folder=data_folder))

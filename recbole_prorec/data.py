@@ -5,6 +5,7 @@ dataset stops at once with a message that says where we looked and how to get th
 """
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -91,15 +92,16 @@ def check_rows(path: Path, unique_id: str | None = None) -> None:
     header = read_header(path)
     column = header.index(unique_id) if unique_id in header else None
     first_line: dict[str, int] = {}
-    with open(path, encoding="utf-8", newline="") as f:  # lines end where RecBole's reader ends them
-        next(f)
-        for number, line in enumerate(f, start=2):
-            fields = line.rstrip("\r\n").split("\t")
-            if fields == [""]:
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = csv.reader(f, delimiter="\t")  # pandas' default quoting, as RecBole reads the file
+        next(rows)
+        for fields in rows:
+            number = rows.line_num
+            if not fields:
                 continue
             if len(fields) != len(header):
                 raise ValueError(f"{path}, line {number}: {len(fields)} fields where the header has {len(header)} "
-                                 f"({line.strip()[:60]!r}): a file cut mid-line, or a tab inside a value?")
+                                 f"({chr(9).join(fields)[:60]!r}): a file cut mid-line, or a tab inside a value?")
             if column is not None:
                 key = fields[column]
                 if key in first_line:

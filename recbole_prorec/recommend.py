@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from recbole.data.interaction import Interaction
 
 from recbole_prorec.data import read_header
+from recbole_prorec.semantic import read_item_table
 from recbole_prorec.quick_start import load_data_and_model
 
 
@@ -37,29 +39,23 @@ def _ids(dataset, field: str, tokens: Sequence[str], what: str) -> list[int]:
 
 
 def user_histories(dataset, users: Sequence[int]) -> list[list[int]]:
-    """Every interaction of each user, in the dataset's (time) order."""
+    """Every interaction of each user, in time order: one sort by (user, time), then slices."""
     inter = dataset.inter_feat
     user_col, item_col = inter[dataset.uid_field].numpy(), inter[dataset.iid_field].numpy()
-    order = inter[dataset.time_field].numpy().argsort(kind="stable") if dataset.time_field in inter else None
-    if order is not None:
-        user_col, item_col = user_col[order], item_col[order]
-    return [item_col[user_col == u].tolist() for u in users]
+    keys = (inter[dataset.time_field].numpy(), user_col) if dataset.time_field in inter else (user_col,)
+    order = np.lexsort(keys)
+    user_sorted, item_sorted = user_col[order], item_col[order]
+    starts = np.searchsorted(user_sorted, users, side="left")
+    ends = np.searchsorted(user_sorted, users, side="right")
+    return [item_sorted[a:b].tolist() for a, b in zip(starts, ends)]
 
 
 def titles(item_file: Path, column: str, id_field: str) -> dict[str, str]:
     """Item id -> the ``column`` text of the ``.item`` file ('' when the file or column is absent)."""
     if not item_file.is_file() or column not in read_header(item_file):
         return {}
-    header = read_header(item_file)
-    key, col = header.index(id_field), header.index(column)
-    out = {}
-    with open(item_file, encoding="utf-8") as f:
-        next(f)
-        for line in f:
-            cells = line.rstrip("\n").split("\t")
-            if len(cells) > max(key, col):
-                out[cells[key]] = cells[col]
-    return out
+    table = read_item_table(item_file, id_field)
+    return dict(zip(table[id_field], table[column]))
 
 
 def recommend(

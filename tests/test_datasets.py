@@ -71,3 +71,14 @@ def test_malformed_rows_are_named_before_recbole_reads_them(case, tiny_root, tin
     with pytest.raises(ValueError, match=expected):
         build(resolve_model("SASRec"), "tiny", [], tiny_overrides(data_path=str(root), checkpoint_dir=str(tmp_path / "s")))
     assert _digest(root) == before  # nothing rewritten
+
+
+def test_row_check_reads_quoted_values_as_recbole_does(tmp_path):
+    from recbole_prorec.data import check_rows
+
+    path = tmp_path / "x.item"
+    path.write_text('item_id:token\ttitle:token_seq\ni1\t"a\ttabbed title"\ni2\tplain\n', encoding="utf-8")
+    check_rows(path, "item_id")  # a quoted tab is inside the value, as pandas reads it
+    path.write_text("item_id:token\ttitle:token_seq\ni1\ta\tb\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"x\.item, line 2: 3 fields where the header has 2"):
+        check_rows(path, "item_id")
