@@ -311,7 +311,7 @@ def write_synthetic_dataset(
     the ``unicode:token_seq`` column; ``integrated`` is written as Stage I's ``.emb.npy`` (for
     IKD); ``semantic`` as ``.sem.npy`` (pass it as ``semantic_embedding_file``).
     """
-    from recbole_prorec.artifact import embedding_files
+    from recbole_prorec.artifact import UNICODE_FIELD, embedding_files
 
     folder = Path(root) / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -326,7 +326,7 @@ def write_synthetic_dataset(
             items.insert(0, int(rng.integers(0, max(1, start))))
         lines += [f"{user}\t{tokens[i]}\t{t}" for t, i in enumerate(items)]
     (folder / f"{name}.inter").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    header = "item_id:token" + ("\tunicode:token_seq" if codes is not None else "")
+    header = "item_id:token" + (f"\t{UNICODE_FIELD}:token_seq" if codes is not None else "")
     rows = [header]
     for i, token in enumerate(tokens):
         rows.append(token + (("\t" + " ".join(map(str, codes[i]))) if codes is not None else ""))
