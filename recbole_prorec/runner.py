@@ -6,6 +6,7 @@ RecBole's own models); runs are built by ``build.py`` and trained by ``trainer.S
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 from datetime import datetime
@@ -23,9 +24,10 @@ from recbole_prorec.data import statistics, statistics_table
 from recbole_prorec.logs import start_log
 from recbole_prorec.registry import ModelSpec, resolve_model
 from recbole_prorec.stage1 import run_stage1
-from recbole_prorec.trainer import SafePretrainer, SafeTrainer
+from recbole_prorec.trainer import RunInterrupted, SafePretrainer, SafeTrainer, latest_resume_file
 
 TABLE_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+LATEST = "latest"  # --resume without a path: this model's newest resume state on this data
 
 
 @dataclass
@@ -74,10 +76,13 @@ def run(
     overrides: Mapping[str, Any] | None = None,
     evaluate_test: bool = True,
     saved: bool = True,
+    resume: str | None = None,
 ) -> RunResult:
     """Train and test one model on one dataset (PRORec: Stage I first, or its cached artifact);
     ``evaluate_test=False`` leaves the test split unread, for tuning on validation curves;
-    ``saved=False`` (RecBole's flag) writes no checkpoint and tests the last epoch's weights."""
+    ``saved=False`` (RecBole's flag) writes no checkpoint and tests the last epoch's weights;
+    ``resume`` continues an interrupted run from its resume state (a path, or ``"latest"``: the
+    newest of this model on this data). A signal stops training with ``RunInterrupted``."""
     overrides = dict(overrides or {})
     spec = resolve_model(label)
     folder = stage1_folder(spec, dataset, config_files, overrides)
@@ -99,6 +104,8 @@ def run(
     if config["load_checkpoint"]:  # test a trained model instead of training one
         trainer.saved_model_file = config["load_checkpoint"]
     else:
+        if resume:
+            trainer.resume_checkpoint(latest_resume_file(config) if resume == LATEST else resume)
         trainer.fit(data.train, data.valid, saved=saved, show_progress=show)
     test_result = trainer.evaluate(data.test, load_best_model=saved, show_progress=show) if evaluate_test else {}
     logger.info(f"best valid: {trainer.best_valid_result}")
@@ -157,6 +164,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str
     parser.add_argument("--config_files", default="", help="comma-separated YAML files")
     parser.add_argument("--nproc", type=int, default=1, help="processes for RecBole's DDP")
     parser.add_argument("--stage", choices=["all", "unicode"], default="all")
+    parser.add_argument("--resume", nargs="?", const=LATEST, default=None, metavar="PATH",
+                        help="continue an interrupted run from its .resume.pth file (no PATH: the newest one "
+                        "of the same model, dataset and Stage-I output in checkpoint_dir)")
     parser.add_argument("--results_file", default=None, help="Markdown table (default results/<dataset>.md)")
     parser.add_argument("--recommend", action="store_true",
                         help="print top-k items of a trained model (--load_checkpoint=FILE) for --user or --history")
@@ -193,7 +203,20 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     raises on every run and the user cannot act on, are silenced here, not in library code."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole(\.|$)")
-        return _main(argv)
+        try:
+            return _main(argv)
+        except RunInterrupted as stop:
+            print(f"\n{stop}\n{resume_hint(stop, argv if argv is not None else sys.argv[1:])}", file=sys.stderr)
+            raise SystemExit(128 + signal.Signals[stop.signal_name].value) from None
+
+
+def resume_hint(stop: RunInterrupted, argv: Sequence[str]) -> str:
+    """The command that continues an interrupted run: the same arguments, the interrupted model only."""
+    if not stop.resume_file:
+        return "nothing to resume: run the command again"
+    kept = [a for a in argv if not a.startswith(("--model=", "--resume"))]
+    return "resume with: " + " ".join(["python run_recbole_prorec.py", f"--model={stop.label}", *kept,
+                                       f"--resume={stop.resume_file}"])
 
 
 def _main(argv: Sequence[str] | None) -> list[RunResult]:
@@ -211,12 +234,18 @@ def _main(argv: Sequence[str] | None) -> list[RunResult]:
         for spec in specs:
             print(f"unicode dataset written to {stage1_folder(spec, args.dataset, files, overrides)}")
         return []
+    if args.resume and (args.nproc > 1 or (len(labels) > 1 and args.resume != LATEST)):
+        raise ValueError("--resume=PATH continues one model's run in one process: give one --model and --nproc=1")
     results = []
     for label in labels:
-        if args.nproc > 1:
-            results.append(run_distributed(label, args.dataset, files, overrides, args.nproc))
-        else:
-            results.append(run(label, args.dataset, files, overrides))
+        try:
+            if args.nproc > 1:
+                results.append(run_distributed(label, args.dataset, files, overrides, args.nproc))
+            else:
+                results.append(run(label, args.dataset, files, overrides, resume=args.resume))
+        except RunInterrupted as stop:
+            stop.label = label
+            raise
     if results:
         table = results_table(results)
         out = Path(args.results_file or PROJECT_ROOT / "results" / f"{args.dataset}.md")

@@ -1,17 +1,29 @@
 """RecBole's trainer, made safe for torch>=2.6 checkpoints, CPU DDP and wall-clock budgets, with
-a learning-rate schedule and a per-epoch record of losses and validation scores.
+a learning-rate schedule, a per-epoch record of losses and validation scores, and resumable runs.
 
 RecBole pickles its whole ``Config`` into checkpoints and reloads them with ``torch.load``,
 which refuses arbitrary objects under ``weights_only=True``. We store state dicts plus plain
 data only, and always reload with ``weights_only=True``.
+
+A run keeps two files in ``checkpoint_dir``: ``<model>-<time>.pth``, the best epoch's weights
+(RecBole's), and ``<model>-<time>.resume.pth``, everything needed to go on after the last
+completed epoch (weights, optimizer, schedule, early-stopping state, curve, time spent, RNG
+states). The second is rewritten before every epoch and removed when training ends normally;
+SIGINT or SIGTERM stop training at the next batch boundary and leave it for ``--resume``.
 """
 from __future__ import annotations
 
 import math
+import os
+import random
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from time import monotonic
-from typing import Any
+from typing import Any, Iterator
 
+import numpy as np
 import torch
 from recbole.trainer import PretrainTrainer, Trainer
 from recbole.utils import set_color
@@ -21,6 +33,9 @@ from recbole_prorec.config import plain_config
 
 
 SCHEDULES = ("constant", "inverse_sqrt", "cosine")
+# settings a resumed run may change without a warning: where output goes and how it is shown
+RESUME_FREE_KEYS = {"show_progress", "train_time_budget", "epochs", "log_wandb", "state", "gpu_id", "device",
+                    "checkpoint_dir", "local_rank", "world_size", "nproc", "offset", "ip", "port", "worker"}
 
 
 def lr_factor(step: int, warmup: int, schedule: str, total_steps: int, min_ratio: float = 0.0) -> float:
@@ -37,12 +52,94 @@ def lr_factor(step: int, warmup: int, schedule: str, total_steps: int, min_ratio
     return 1.0
 
 
+RESUME_SUFFIX = ".resume.pth"
+
+
 class _BudgetExhausted(Exception):
     """Raised between epochs once the configured ``train_time_budget`` is spent."""
 
 
+class _StopRequested(Exception):
+    """Raised at a batch boundary after SIGINT or SIGTERM."""
+
+
+class RunInterrupted(Exception):
+    """Training was stopped by a signal; ``resume_file`` holds the state after the last completed
+    epoch (None when no epoch had completed: nothing to resume)."""
+
+    def __init__(self, signal_name: str, epoch: int, resume_file: str | None):
+        self.signal_name, self.epoch, self.resume_file = signal_name, epoch, resume_file
+        self.label = ""  # the model label of the run, set by the runner
+        where = f"the state after epoch {epoch - 1} is in {resume_file}" if resume_file else "no epoch had completed"
+        super().__init__(f"{signal_name} received: training stopped during epoch {epoch}; {where}")
+
+
 def load_checkpoint(path: str, device: torch.device | str = "cpu") -> dict:
     return torch.load(path, map_location=device, weights_only=True)
+
+
+def run_mismatch(saved: dict, config) -> str | None:
+    """Why a checkpoint's config belongs to another run (None if it is this model on this data).
+    PRORec's weights fit any dataset's codes of the same depth, so shapes alone prove nothing: the
+    data folder's last two parts name the dataset and, for PRORec, its Stage-I output."""
+    for key, part in (("model", str), ("dataset", str), ("data_path", lambda p: Path(p).parts[-2:])):
+        if saved.get(key) is None or part(saved[key]) != part(config[key]):
+            return f"checkpoint was trained with {key}={saved.get(key)!r}, this run has {key}={config[key]!r}"
+    return None
+
+
+def latest_resume_file(config) -> str:
+    """The newest resume state in ``checkpoint_dir`` of this model on this data (``--resume``)."""
+    folder = Path(config["checkpoint_dir"])
+    for path in sorted(folder.glob(f"*{RESUME_SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True):
+        if run_mismatch(load_checkpoint(str(path))["config"], config) is None:
+            return str(path)
+    raise FileNotFoundError(f"no resume state (*{RESUME_SUFFIX}) of model {config['model']} on {config['data_path']} "
+                            f"in checkpoint_dir {folder}: nothing to resume")
+
+
+def _rng_states(loader_generator: torch.Generator) -> dict:
+    """Python's, NumPy's, torch's (CPU and CUDA) and the training loader's RNG states, as plain
+    data and tensors so that they load under ``weights_only=True``."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, python_state, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(python_state), gauss],
+        "loader": loader_generator.get_state(),
+    }
+
+
+def _set_rng_states(states: dict, loader_generator: torch.Generator) -> None:
+    torch.set_rng_state(states["torch"].cpu())
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
+    keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state(("MT19937", keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, python_state, gauss = states["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    loader_generator.set_state(states["loader"].cpu())
+
+
+class _StoppableLoader:
+    """The training loader, checking between batches whether a signal asked training to stop."""
+
+    def __init__(self, loader, trainer: "SafeTrainer"):
+        self._loader, self._trainer = loader, trainer
+
+    def __iter__(self) -> Iterator:
+        for batch in self._loader:
+            if self._trainer.stop_signal:
+                raise _StopRequested
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __getattr__(self, name: str):
+        return getattr(self._loader, name)
 
 
 class SafeTrainer(Trainer):
@@ -80,6 +177,11 @@ class SafeTrainer(Trainer):
         self._last_eval_stats: dict[str, float] = {}
         self._scheduled = False
         self.lr_step = 0  # optimizer steps taken, saved in checkpoints so a resumed schedule goes on
+        self.stop_signal: str | None = None  # set by SIGINT/SIGTERM during fit
+        self.resume_file: str | None = None  # this run's resume state, once written
+        self._saving = True
+        self._resumed: dict | None = None  # RNG states and epoch of a resume state, until applied
+        self._elapsed_before = 0.0  # fit seconds of the run this one resumes
 
     def _add_schedule(self, batches_per_epoch: int, epochs: int) -> None:
         """Attach the schedule to the optimizer once, when the epoch length is known (a cosine
@@ -100,25 +202,66 @@ class SafeTrainer(Trainer):
         self.optimizer.register_step_post_hook(advance)
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
-        self._fit_start = monotonic()
+        """RecBole's fit, within the time budget (a resumed run's time counts), stoppable by a signal
+        at a batch boundary (raising ``RunInterrupted``); the resume state goes when it ends."""
+        self._fit_start = monotonic() - self._elapsed_before
+        self._saving = saved
         self._add_schedule(len(train_data), self.epochs)
+        with self._signals_stop_training():
+            try:
+                result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+            except _BudgetExhausted:
+                self.logger.info(
+                    set_color("train_time_budget", "yellow")
+                    + f" of {self.time_budget}s spent after {self.epochs_run} epochs; stopping"
+                )
+                if saved and self.best_epoch < 0:
+                    self._save_checkpoint(self.epochs_run - 1, verbose=verbose)
+                result = self.best_valid_score, self.best_valid_result
+            except _StopRequested:
+                stop = RunInterrupted(self.stop_signal, self._epoch + 1, self.resume_file)
+                self.logger.warning(str(stop))
+                raise stop from None
+        if self.resume_file and ddp.is_main(self.config):
+            Path(self.resume_file).unlink(missing_ok=True)
+        return result
+
+    @contextmanager
+    def _signals_stop_training(self):
+        """SIGINT and SIGTERM set ``stop_signal`` (training stops at the next batch boundary); a
+        second one acts at once. Python only lets the main thread install handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, frame):
+            if self.stop_signal:
+                signal.signal(signum, previous[signum])
+                signal.raise_signal(signum)
+                return
+            self.stop_signal = signal.Signals(signum).name
+            self.logger.warning(f"{self.stop_signal}: stopping at the next batch boundary (send it again to stop now)")
+
+        for sig in previous:
+            signal.signal(sig, handler)
         try:
-            return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
-        except _BudgetExhausted:
-            self.logger.info(
-                set_color("train_time_budget", "yellow")
-                + f" of {self.time_budget}s spent after {self.epochs_run} epochs; stopping"
-            )
-            if saved and self.best_epoch < 0:
-                self._save_checkpoint(self.epochs_run - 1, verbose=verbose)
-            return self.best_valid_score, self.best_valid_result
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        if self._resumed is not None:
+            _set_rng_states(self._resumed["rng"], train_data.generator)
+        elif self.epochs_run and self._saving:
+            self._save_resume_state(epoch_idx - 1, train_data.generator)
+        self._resumed = None
         if self.time_budget and monotonic() - self._fit_start >= self.time_budget and self.epochs_run:
             raise _BudgetExhausted
         start = monotonic()
         self._batches_per_epoch = len(train_data)
-        loss = super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
+        loss = super()._train_epoch(_StoppableLoader(train_data, self), epoch_idx, loss_func, show_progress)
         self.train_time += monotonic() - start
         self.epochs_run += 1
         self._epoch = epoch_idx
@@ -183,25 +326,69 @@ class SafeTrainer(Trainer):
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
 
+    def _save_resume_state(self, epoch: int, loader_generator: torch.Generator) -> None:
+        """Everything that decides the rest of the run, as it stands after ``epoch`` (validated,
+        early stopping updated); written to a temporary file first, so a kill never leaves half
+        a state behind."""
+        if not ddp.is_main(self.config):
+            return
+        state = {
+            "config": plain_config(self.config),
+            "epoch": int(epoch),
+            "best_checkpoint": self.saved_model_file,
+            "state_dict": self.model.state_dict(),
+            "other_parameter": {
+                k: v for k, v in (self.model.other_parameter() or {}).items() if not isinstance(v, torch.nn.Module)
+            },
+            "optimizer": self.optimizer.state_dict(),
+            "lr_step": int(self.lr_step),
+            "cur_step": int(self.cur_step),
+            "best_valid_score": float(self.best_valid_score),
+            "best_valid_result": {k: float(v) for k, v in (self.best_valid_result or {}).items()},
+            "best_epoch": int(self.best_epoch),
+            "train_time": float(self.train_time),
+            "epochs_run": int(self.epochs_run),
+            "elapsed": float(monotonic() - self._fit_start),
+            "curve": [{k: float(v) for k, v in entry.items()} for entry in self.curve],
+            "rng": _rng_states(loader_generator),
+        }
+        path = str(Path(self.saved_model_file).with_suffix(RESUME_SUFFIX))
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        self.resume_file = path
+
     def resume_checkpoint(self, resume_file):
-        checkpoint = load_checkpoint(str(resume_file), self.device)
-        self.saved_model_file = str(resume_file)
-        self.start_epoch = checkpoint["epoch"] + 1
-        self.cur_step = checkpoint["cur_step"]
-        self.best_valid_score = checkpoint["best_valid_score"]
-        self.lr_step = checkpoint.get("lr_step", 0)
-        self._load_state(checkpoint)
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
+        """Continue the run whose resume state is ``resume_file``: weights, optimizer, schedule,
+        early stopping, best result and checkpoint, curve, time spent and RNG states (applied when
+        the next epoch starts, so that it shuffles and samples as the uninterrupted run would)."""
+        state = load_checkpoint(str(resume_file), self.device)
+        if "rng" not in state:
+            raise ValueError(f"{resume_file} holds one epoch's weights, not a resume state: "
+                             f"resume from the {RESUME_SUFFIX} file of the same run")
+        if not Path(state["best_checkpoint"]).is_file():
+            raise FileNotFoundError(f"{resume_file} continues a run whose best checkpoint "
+                                    f"{state['best_checkpoint']} is gone: cannot resume")
+        self._load_state(state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.saved_model_file, self.resume_file = state["best_checkpoint"], str(resume_file)
+        self.start_epoch, self._epoch = state["epoch"] + 1, state["epoch"]
+        for key in ("lr_step", "cur_step", "best_valid_score", "best_epoch", "train_time", "epochs_run", "curve"):
+            setattr(self, key, state[key])
+        self.best_valid_result = state["best_valid_result"] or None
+        self._elapsed_before = state["elapsed"]
+        self._resumed = state
+        now = plain_config(self.config)
+        changed = sorted(k for k, v in state["config"].items() if k not in RESUME_FREE_KEYS and now.get(k, v) != v)
+        if changed:
+            self.logger.warning(f"resuming with settings that differ from the interrupted run's: {', '.join(changed)}")
+        self.logger.info(f"Resuming from {resume_file}: epoch {self.start_epoch} onwards, "
+                         f"{self._elapsed_before:.0f}s of the time budget spent")
 
     def _load_state(self, checkpoint: dict[str, Any]) -> None:
-        # PRORec's weights fit any dataset's codes of the same depth, so shapes alone prove nothing:
-        # the data folder's last two parts name the dataset and, for PRORec, its Stage-I output
         saved = checkpoint["config"]
-        for key, part in (("model", str), ("dataset", str), ("data_path", lambda p: Path(p).parts[-2:])):
-            if saved.get(key) is None or part(saved[key]) != part(self.config[key]):
-                raise ValueError(f"checkpoint was trained with {key}={saved.get(key)!r}, "
-                                 f"this run has {key}={self.config[key]!r}")
+        mismatch = run_mismatch(saved, self.config)
+        if mismatch:
+            raise ValueError(mismatch)
         # PRORec's two forms have different weights; checkpoints older than the key are "shared"
         mode = self.config["last_code_token"]
         if mode is not None and saved.get("last_code_token", "shared") != mode:
@@ -248,6 +435,7 @@ class SafePretrainer(SafeTrainer, PretrainTrainer):
 
     def pretrain(self, train_data, verbose=True, show_progress=False):
         self._fit_start = monotonic()
+        self._saving = False  # pre-training is not resumable: its epochs are not RecBole's fit
         self._add_schedule(len(train_data), self.config["pretrain_epochs"])
         try:
             super().pretrain(train_data, verbose, show_progress)

@@ -12,7 +12,9 @@ whole suite fast on a busy 2-core CPU.
 from __future__ import annotations
 
 import copy
+import os
 import random
+import signal
 from pathlib import Path
 
 import pytest
@@ -184,3 +186,28 @@ def make_prorec(stage2, seed: int = 2020, **extra):
     finally:
         for key, value in saved.items():  # the session config is shared: restore it
             config[key] = value
+
+
+def signal_during(monkeypatch, epoch: int, batch: int, sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` to this process from inside training batch ``batch`` (from 1) of ``epoch``."""
+    from recbole_prorec.trainer import SafeTrainer
+
+    original = SafeTrainer._train_epoch
+
+    def train_epoch(self, train_data, epoch_idx, *args, **kwargs):
+        if epoch_idx == epoch:
+            loss, calls = self.model.calculate_loss, []
+
+            def counted(interaction):
+                calls.append(1)
+                if len(calls) == batch:
+                    os.kill(os.getpid(), sig)
+                return loss(interaction)
+
+            self.model.calculate_loss = counted
+        try:
+            return original(self, train_data, epoch_idx, *args, **kwargs)
+        finally:
+            self.model.__dict__.pop("calculate_loss", None)
+
+    monkeypatch.setattr(SafeTrainer, "_train_epoch", train_epoch)

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from conftest import make_prorec
-from recbole_prorec.trainer import SafeTrainer, lr_factor
+from conftest import make_prorec, signal_during
+from recbole_prorec.trainer import RunInterrupted, SafeTrainer, lr_factor
 
 
 def test_warmup_is_linear_then_each_schedule_has_its_shape():
@@ -67,26 +67,28 @@ def test_fit_follows_the_schedule_and_records_a_curve(stage2, tmp_path, schedule
     assert trainer.curve[1]["train_s"] > trainer.curve[0]["train_s"]
 
 
-def test_resumed_run_goes_on_with_the_schedule(stage2, tmp_path):
-    """A resumed run continues the learning-rate schedule where the checkpoint left it."""
+def test_resumed_run_goes_on_with_the_schedule(stage2, tmp_path, monkeypatch):
+    """A run resumed after a stop in epoch 1 continues the learning-rate schedule where epoch 0 left it."""
     config, _, (train, valid, _) = stage2
-    changes = {"lr_scheduler": "inverse_sqrt", "warmup_steps": 2, "epochs": 1, "eval_step": 1,
+    changes = {"lr_scheduler": "inverse_sqrt", "warmup_steps": 2, "epochs": 2, "eval_step": 1,
                "checkpoint_dir": str(tmp_path)}
     saved = {k: config[k] for k in changes}
     config.final_config_dict.update(changes)
     try:
         first = SafeTrainer(config, make_prorec(stage2))
-        first.fit(train, valid, saved=True)
-        config["epochs"] = 2
+        with monkeypatch.context() as patch:
+            signal_during(patch, epoch=1, batch=3)
+            with pytest.raises(RunInterrupted) as stopped:
+                first.fit(train, valid, saved=True)
         second = SafeTrainer(config, make_prorec(stage2))
-        second.resume_checkpoint(first.saved_model_file)
+        second.resume_checkpoint(stopped.value.resume_file)
         rates = []
         second.optimizer.register_step_pre_hook(lambda opt, *_: rates.append(opt.param_groups[0]["lr"]))
         second.fit(train, valid, saved=True)
     finally:
         config.final_config_dict.update(saved)
     n = len(train)
-    assert second.lr_step == 2 * n and [e["epoch"] for e in second.curve] == [1]
+    assert second.lr_step == 2 * n and [e["epoch"] for e in second.curve] == [0, 1]
     base = config["learning_rate"]
     assert rates == pytest.approx([base * lr_factor(n + k, 2, "inverse_sqrt", 2 * n) for k in range(n)])
 
