@@ -166,6 +166,16 @@ def load_codes(dataset, data_file: str) -> torch.Tensor:
             f"e.g. {list(names)}"
         )
     codes[0] = -1
+    _, inverse, counts = np.unique(codes[1:].numpy(), axis=0, return_inverse=True, return_counts=True)
+    shared = np.flatnonzero(counts[inverse.ravel()] > 1)
+    if len(shared):  # the beam search could never tell these items apart
+        group = np.flatnonzero(inverse.ravel() == inverse.ravel()[shared[0]]) + 1
+        code = " ".join(str(int(c)) for c in codes[group[0]] if c >= 0)
+        raise ValueError(
+            f"{data_file}: {len(shared)} items share their '{UNICODE_FIELD}' code with another, e.g. "
+            f"{list(dataset.id2token(dataset.iid_field, group[:5]))} all have '{code}'; codes must be unique "
+            "(rebuild the Stage-I output with stage1_rerun=True)"
+        )
     return codes
 
 

@@ -16,7 +16,7 @@ from recbole.utils import init_seed
 
 from recbole_prorec.artifact import require_codes
 from recbole_prorec.config import ProjectConfig
-from recbole_prorec.data import check_columns, check_rows
+from recbole_prorec.data import check_columns, check_rows, check_split
 from recbole_prorec.registry import ModelSpec
 
 
@@ -48,6 +48,7 @@ def load_data(spec: ModelSpec, config: ProjectConfig) -> Run:
             check_rows(folder / f"{config['dataset']}.{suffix}", unique)
     init_seed(config["seed"], config["reproducibility"])
     data = create_dataset(config)
+    check_split(data, config)
     train, valid, test = data_preparation(config, data)
     return Run(spec, config, data, train, valid, test)
 

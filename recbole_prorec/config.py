@@ -9,6 +9,7 @@ folder is resolved by us (``data.find_dataset``) rather than by RecBole, which w
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
@@ -152,6 +153,8 @@ class ProjectConfig(Config):
         # CE-trained sequential models need no sampled negatives; RecBole errors unless told so.
         if "train_neg_sample_args" not in self.external_config_dict and cfg.get("loss_type") != "BPR":
             cfg["train_neg_sample_args"] = None
+        if not self._dataset_documented():
+            cfg["load_col"] = None  # every column of the files, not RecBole's sample.yaml [user_id, item_id]
         extra = getattr(self.model_class, "item_columns", ())
         if extra and cfg.get("load_col") is not None:  # None: RecBole loads every column anyway
             # a new dict: the one in cfg may be the caller's own override, which must stay as given
@@ -164,6 +167,27 @@ class ProjectConfig(Config):
             search_folders(self.external_config_dict.get("data_path"), cfg.get("data_search_paths")),
         )
         cfg["data_path"] = str(Path(folder) / self.dataset)
+
+    def check_output_folders(self, keys: Iterable[str] = ("checkpoint_dir", "unicode_dir")) -> None:
+        """Each folder a run writes to exists or can be made, and takes files: found before hours
+        of training, not after them."""
+        for key in keys:
+            folder = Path(self[key] or ".")
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
+            except OSError as e:
+                raise ValueError(f"config key '{key}': {folder} is not a folder this run can write to "
+                                 f"({e.strerror})") from None
+
+    def _dataset_documented(self) -> bool:
+        """Whether ``load_col`` comes from somewhere that knows this dataset: a YAML file of ours or
+        RecBole's for it, a variant, the user's files or command line. A new dataset without one
+        would otherwise load only user and item ids and fail on the protocol's timestamp."""
+        if "load_col" in self.cmd_config_dict or any("load_col" in layer for layer in self._layers):
+            return True
+        return (Path(recbole.__file__).parent / "properties" / "dataset" / f"{self.dataset}.yaml").is_file()
 
     def _check_user_types(self) -> None:
         defaults = dict(self.internal_config_dict)

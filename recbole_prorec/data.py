@@ -9,6 +9,8 @@ import csv
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
+import torch
 from recbole.data.dataset import Dataset
 
 from recbole_prorec import PROJECT_ROOT
@@ -59,16 +61,41 @@ def find_dataset(name: str, folders: Iterable[Path]) -> Path:
     )
 
 
+ATOMIC_TYPES = ("token", "token_seq", "float", "float_seq")  # RecBole's column types
+
+
 def read_header(path: Path) -> list[str]:
-    """Bare column names (``title`` of ``title:token_seq``) of an atomic file."""
+    """Bare column names (``title`` of ``title:token_seq``) of an atomic file, whose header must
+    give each column one of RecBole's types (RecBole's own error names neither file nor line)."""
+    with open(path, "rb") as f:  # text mode would decode a whole buffer, not just this line
+        raw = f.readline()
     try:
-        with open(path, encoding="utf-8") as f:
-            header = f.readline().rstrip("\n")
+        header = raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text: {e}") from e
+        raise ValueError(f"{path}, line 1: not UTF-8 text ({e.reason})") from None
     if not header:
         raise ValueError(f"{path} is empty: an atomic file starts with a header line")
-    return [col.split(":")[0] for col in header.split("\t")]
+    names = []
+    for column in header.split("\t"):
+        name, _, kind = column.partition(":")
+        if not column.isprintable():
+            raise ValueError(f"{path}, line 1: not a header of tab-separated column names (binary data?)")
+        if kind not in ATOMIC_TYPES:
+            raise ValueError(f"{path}, line 1: column {column!r} needs one of RecBole's types "
+                             f"{', '.join(ATOMIC_TYPES)} after a colon (e.g. '{name}:token')")
+        names.append(name)
+    return names
+
+
+def first_undecodable_line(path: Path) -> int:
+    """The number of the first line of ``path`` that is not UTF-8 (0: none)."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 0
 
 
 def check_columns(folder: Path, name: str, load_col: Mapping[str, Sequence[str]] | None) -> None:
@@ -87,27 +114,56 @@ def check_columns(folder: Path, name: str, load_col: Mapping[str, Sequence[str]]
 
 def check_rows(path: Path, unique_id: str | None = None) -> None:
     """Every line of an atomic file has as many fields as its header: RecBole reads a file cut
-    mid-line or a stray tab without a word, shifting or dropping values. ``unique_id`` (an
-    ``.item`` file's id column) must name each row once; RecBole would keep one row silently."""
+    mid-line or a stray tab without a word, shifting or dropping values. The file has rows, in
+    UTF-8. ``unique_id`` (an ``.item`` file's id column) must name each row once, where RecBole
+    would keep one row silently; without it (an ``.inter`` file) no row may repeat another
+    exactly, which would count one interaction twice and could put it in two splits."""
     header = read_header(path)
     column = header.index(unique_id) if unique_id in header else None
-    first_line: dict[str, int] = {}
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = csv.reader(f, delimiter="\t")  # pandas' default quoting, as RecBole reads the file
-        next(rows)
-        for fields in rows:
-            number = rows.line_num
-            if not fields:
-                continue
-            if len(fields) != len(header):
-                raise ValueError(f"{path}, line {number}: {len(fields)} fields where the header has {len(header)} "
-                                 f"({chr(9).join(fields)[:60]!r}): a file cut mid-line, or a tab inside a value?")
-            if column is not None:
-                key = fields[column]
-                if key in first_line:
-                    raise ValueError(f"{path}, line {number}: '{key}' has a row already (line {first_line[key]}); "
-                                     f"each {unique_id} needs exactly one")
-                first_line[key] = number
+    first_line: dict = {}
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = csv.reader(f, delimiter="\t")  # pandas' default quoting, as RecBole reads the file
+            next(rows)
+            for fields in rows:
+                if fields:
+                    _check_row(path, header, fields, rows.line_num, column, first_line, unique_id)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}, line {first_undecodable_line(path)}: not UTF-8 text ({e.reason})") from None
+    if not first_line:
+        raise ValueError(f"{path} has a header but no rows")
+
+
+def _check_row(path: Path, header: list[str], fields: list[str], number: int, column: int | None,
+               first_line: dict, unique_id: str | None) -> None:
+    if len(fields) != len(header):
+        raise ValueError(f"{path}, line {number}: {len(fields)} fields where the header has {len(header)} "
+                         f"({chr(9).join(fields)[:60]!r}): a file cut mid-line, or a tab inside a value?")
+    key = fields[column] if column is not None else tuple(fields)
+    if key in first_line:
+        what = f"'{key}' has a row already" if column is not None else "repeats the row"
+        need = f"each {unique_id} needs exactly one" if column is not None else "remove repeated rows"
+        raise ValueError(f"{path}, line {number}: {what} (line {first_line[key]}); {need}")
+    first_line[key] = number
+
+
+def check_split(dataset: Dataset, config) -> None:
+    """Leave-one-out (``LS: valid_and_test``) needs three interactions per user: one to train on,
+    one to validate, one to test. RecBole splits shorter histories without a word."""
+    split = (config["eval_args"] or {}).get("split") or {}
+    if split.get("LS") != "valid_and_test":
+        return
+    uid = config["USER_ID_FIELD"]
+    ids = dataset.inter_feat[uid]
+    counts = np.bincount(ids.numpy() if isinstance(ids, torch.Tensor) else ids.to_numpy(), minlength=dataset.user_num)
+    short = np.flatnonzero((counts > 0) & (counts < 3))
+    if len(short):
+        examples = ", ".join(f"{dataset.id2token(uid, int(u))}: {counts[u]}" for u in short[:5])
+        raise ValueError(
+            f"{len(short)} users of {config['data_path']} have fewer than 3 interactions ({examples}): "
+            "leave-one-out needs one each to train on, validate and test. Drop them with the config key "
+            "user_inter_num_interval: '[3,inf)'"
+        )
 
 
 def statistics(dataset: Dataset) -> dict:

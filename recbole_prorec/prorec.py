@@ -150,7 +150,7 @@ class PRORec(SequentialRecommender):
         self.ikd_weight = config["ikd_weight"]
         self.ikd_tau = config["ikd_tau"]
         self.ikd_negatives = config["ikd_negatives"]
-        self._check(config)
+        self.check_config(config)
         data_file = str(Path(config["data_path"]) / f"{dataset.dataset_name}.item")
         codes = load_codes(dataset, data_file)
         if codes.max() >= self.K:
@@ -195,14 +195,17 @@ class PRORec(SequentialRecommender):
         self.beam_stats: Counter = Counter()
         self.apply(self._init_weights)
 
-    def _check(self, config) -> None:
-        if config["last_code_token"] not in self.LAST_CODE_TOKENS:
-            raise ValueError(f"last_code_token must be one of {self.LAST_CODE_TOKENS}, got {config['last_code_token']!r}")
-        if self.hidden % config["n_heads"]:
-            raise ValueError(f"hidden_size {self.hidden} is not divisible by n_heads {config['n_heads']}")
-        if self.beam_size < max(config["topk"]):
-            raise ValueError(f"beam_size {self.beam_size} must be >= max(topk) = {max(config['topk'])}")
-        if self.ikd_weight and (self.ikd_tau <= 0 or self.ikd_negatives < 1):
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Refuse settings this model cannot be built with; the runner asks before Stage I, which
+        may train for minutes, and the model again when it is built."""
+        if config["last_code_token"] not in cls.LAST_CODE_TOKENS:
+            raise ValueError(f"last_code_token must be one of {cls.LAST_CODE_TOKENS}, got {config['last_code_token']!r}")
+        if config["hidden_size"] % config["n_heads"]:
+            raise ValueError(f"hidden_size {config['hidden_size']} is not divisible by n_heads {config['n_heads']}")
+        if config["beam_size"] < max(config["topk"]):
+            raise ValueError(f"beam_size {config['beam_size']} must be >= max(topk) = {max(config['topk'])}")
+        if config["ikd_weight"] and (config["ikd_tau"] <= 0 or config["ikd_negatives"] < 1):
             raise ValueError("ikd_tau must be > 0 and ikd_negatives >= 1 when ikd_weight > 0")
 
     @staticmethod

@@ -355,13 +355,18 @@ def _draw_free(rng: np.random.Generator, drawn: list[tuple[int, int]], length: i
 # --------------------------------------------------------------------------- dispatcher
 
 
-def quantize(emb: np.ndarray, method: str = "hkmeans", K: int = 256, seed: int = 2020,
-             **method_kwargs) -> Codes:
-    """Quantize item embeddings [n, d] with ``method`` (the ``quantizer`` config key)."""
+def check_quantizer(method: str, K: int) -> None:
+    """Refuse a quantizer or codebook size that cannot work (Stage I asks before it trains)."""
     if method not in METHODS:
         raise ValueError(f"Unknown quantizer '{method}'; choose one of {METHODS}")
     if K < 2:
         raise ValueError(f"codebook_size (K) must be >= 2, got {K}")
+
+
+def quantize(emb: np.ndarray, method: str = "hkmeans", K: int = 256, seed: int = 2020,
+             **method_kwargs) -> Codes:
+    """Quantize item embeddings [n, d] with ``method`` (the ``quantizer`` config key)."""
+    check_quantizer(method, K)
     emb = np.asarray(emb)
     if emb.ndim != 2 or emb.shape[0] == 0 or not np.issubdtype(emb.dtype, np.floating):
         raise ValueError(f"Embeddings to quantize must be a non-empty 2-D float array, "

@@ -28,6 +28,8 @@ from recbole_prorec.trainer import RunInterrupted, SafePretrainer, SafeTrainer, 
 
 TABLE_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
 LATEST = "latest"  # --resume without a path: this model's newest resume state on this data
+# what our checks raise on bad files and settings, and a diverged loss: a message, not a traceback
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
 
 
 @dataclass
@@ -85,8 +87,11 @@ def run(
     newest of this model on this data). A signal stops training with ``RunInterrupted``."""
     overrides = dict(overrides or {})
     spec = resolve_model(label)
+    if hasattr(spec.model_class, "check_config"):  # before a Stage I of minutes, not after it
+        spec.model_class.check_config(ProjectConfig(spec, dataset, config_files, overrides))
     folder = stage1_folder(spec, dataset, config_files, overrides)
     config = ProjectConfig(spec, dataset, config_files, overrides, data_folder=folder)
+    config.check_output_folders(["checkpoint_dir"])
     log_file = start_log(config)
     logger = getLogger()
     logger.info(config)
@@ -164,6 +169,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str
     parser.add_argument("--config_files", default="", help="comma-separated YAML files")
     parser.add_argument("--nproc", type=int, default=1, help="processes for RecBole's DDP")
     parser.add_argument("--stage", choices=["all", "unicode"], default="all")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its message")
     parser.add_argument("--resume", nargs="?", const=LATEST, default=None, metavar="PATH",
                         help="continue an interrupted run from its .resume.pth file (no PATH: the newest one "
                         "of the same model, dataset and Stage-I output in checkpoint_dir)")
@@ -200,14 +206,23 @@ def print_recommendations(args, overrides: Mapping[str, str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     """The command line; RecBole's third-party FutureWarnings (pandas, torch.cuda.amp), which it
-    raises on every run and the user cannot act on, are silenced here, not in library code."""
+    raises on every run and the user cannot act on, are silenced here, not in library code.
+
+    Errors in what the user gave (files, settings: ``USER_ERRORS``) end with one line and exit
+    code 2, a signal with the resume command and 128 + its number; ``--debug`` shows tracebacks."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole(\.|$)")
         try:
             return _main(argv)
         except RunInterrupted as stop:
-            print(f"\n{stop}\n{resume_hint(stop, argv if argv is not None else sys.argv[1:])}", file=sys.stderr)
+            print(f"\n{stop}\n{resume_hint(stop, argv)}", file=sys.stderr)
             raise SystemExit(128 + signal.Signals[stop.signal_name].value) from None
+        except USER_ERRORS as error:
+            if "--debug" in argv:
+                raise
+            print(f"error: {error}\n(--debug shows the traceback)", file=sys.stderr)
+            raise SystemExit(2) from None
 
 
 def resume_hint(stop: RunInterrupted, argv: Sequence[str]) -> str:

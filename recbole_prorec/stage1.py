@@ -24,7 +24,7 @@ from recbole_prorec.config import ProjectConfig, plain_config
 from recbole_prorec.distributed import DDP_KEYS
 from recbole_prorec.logs import start_log
 from recbole_prorec.prorec_din import PRORecDIN, load_semantic
-from recbole_prorec.quantize import quantize
+from recbole_prorec.quantize import check_quantizer, quantize
 from recbole_prorec.registry import ModelSpec
 from recbole_prorec.trainer import SafeTrainer
 
@@ -121,6 +121,7 @@ def run_stage1(dataset: str, config_files: Sequence[str], overrides: Mapping[str
     source = Path(config["data_path"])
     artifact = Artifact.locate(config["unicode_dir"], dataset, stage1_key(config))
     check_settings(config, artifact, source)
+    config.check_output_folders()
     if artifact.complete and not config["stage1_rerun"]:
         logger.info(f"Stage I: reusing unicodes in {artifact.folder} (stage1_rerun=True to retrain)")
         return Stage1Result.load(artifact)
@@ -141,6 +142,7 @@ def check_settings(config, artifact: Artifact, source: Path) -> None:
     """Refuse settings that cannot work before any training starts."""
     if artifact.root.resolve() == source.parent.resolve() or source.resolve() in artifact.root.resolve().parents:
         raise ValueError(f"unicode_dir {config['unicode_dir']} must not be (inside) the source data folder {source}")
+    check_quantizer(config["quantizer"], config["codebook_size"])
     if config["fusion"] not in FUSIONS:
         raise ValueError(f"fusion must be one of {FUSIONS}, got {config['fusion']!r}")
     if config["fusion"] in WITHOUT_CKA and config["cka_weight"]:

@@ -130,9 +130,10 @@ class _StoppableLoader:
         self._loader, self._trainer = loader, trainer
 
     def __iter__(self) -> Iterator:
-        for batch in self._loader:
+        for number, batch in enumerate(self._loader):
             if self._trainer.stop_signal:
                 raise _StopRequested
+            self._trainer.batch = number
             yield batch
 
     def __len__(self) -> int:
@@ -178,6 +179,7 @@ class SafeTrainer(Trainer):
         self._scheduled = False
         self.lr_step = 0  # optimizer steps taken, saved in checkpoints so a resumed schedule goes on
         self.stop_signal: str | None = None  # set by SIGINT/SIGTERM during fit
+        self.batch = -1  # the training batch in progress (from 0)
         self.resume_file: str | None = None  # this run's resume state, once written
         self._saving = True
         self._resumed: dict | None = None  # RNG states and epoch of a resume state, until applied
@@ -267,6 +269,13 @@ class SafeTrainer(Trainer):
         self._epoch = epoch_idx
         self._epoch_losses = loss
         return loss
+
+    def _check_nan(self, loss: torch.Tensor) -> None:
+        """Stop on a NaN or infinite loss, naming where; the best checkpoint so far stays."""
+        if not torch.isfinite(loss):
+            kept = f"the best checkpoint so far is {self.saved_model_file}" if self.best_epoch >= 0 else "no checkpoint yet"
+            raise FloatingPointError(f"training loss is {loss.item()} in epoch {self._epoch + 1}, batch {self.batch}: "
+                                     f"stopping ({kept}); a lower learning_rate or clip_grad_norm may help")
 
     def _mean_losses(self, losses) -> dict[str, float]:
         """An epoch's summed losses as means per batch, named by the model's ``loss_names`` (a single

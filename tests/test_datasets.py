@@ -38,41 +38,6 @@ def test_bundled_ml100k_statistics(tmp_path):
     assert 0.05 < stats["density"] < 0.08
 
 
-def _copy_tiny(tiny_root, tmp_path):
-    import shutil
-
-    root = tmp_path / "data"
-    shutil.copytree(tiny_root, root)
-    return root
-
-
-def _digest(folder) -> dict:
-    import hashlib
-
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.mark.parametrize("case", ["inter cut mid-line", "item row twice"])
-def test_malformed_rows_are_named_before_recbole_reads_them(case, tiny_root, tiny_overrides, tmp_path):
-    from recbole_prorec.build import build
-
-    root = _copy_tiny(tiny_root, tmp_path)
-    suffix = "inter" if "inter" in case else "item"
-    path = root / "tiny" / f"tiny.{suffix}"
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if suffix == "inter":
-        lines[-1] = lines[-1].rsplit("\t", 1)[0]  # the last value cut off
-        expected = rf"tiny\.inter, line {len(lines)}: 2 fields where the header has 3.*cut mid-line"
-    else:
-        lines.append(lines[3])  # item on line 4 again
-        expected = rf"tiny\.item, line {len(lines)}: '{lines[3].split(chr(9))[0]}' has a row already \(line 4\)"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    before = _digest(root)
-    with pytest.raises(ValueError, match=expected):
-        build(resolve_model("SASRec"), "tiny", [], tiny_overrides(data_path=str(root), checkpoint_dir=str(tmp_path / "s")))
-    assert _digest(root) == before  # nothing rewritten
-
-
 def test_row_check_reads_quoted_values_as_recbole_does(tmp_path):
     from recbole_prorec.data import check_rows
 

@@ -415,7 +415,7 @@ def test_duplicate_codes_are_refused(stage1_folder, tmp_path, tiny_overrides):
         return rows
 
     edit_item_file(root, duplicate)
-    with pytest.raises(ValueError, match="duplicate codes"):
+    with pytest.raises(ValueError, match=r"copy/tiny/tiny\.item: 2 items share their 'unicode' code with another"):
         build_model(tiny_overrides, root)
 
 

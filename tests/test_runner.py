@@ -64,9 +64,10 @@ def test_recbole_checkpoints_would_fail_weights_only(tmp_path):
         torch.load(path, weights_only=True)
 
 
-def test_unknown_model_fails_before_training(tmp_path):
-    with pytest.raises(ValueError, match="unknown model 'SASRecc'"):
+def test_unknown_model_fails_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
         main(["--model=SASRec,SASRecc", "--dataset=ml-100k", f"--results_file={tmp_path / 't.md'}"])
+    assert exit_.value.code == 2 and "error: unknown model 'SASRecc'" in capsys.readouterr().err
     assert not (tmp_path / "t.md").exists()
 
 
@@ -167,7 +168,7 @@ def test_stage_unicode_writes_only_the_artifact(tiny_overrides, tmp_path, capsys
     base = ["--dataset=tiny", "--stage=unicode", f"--config_files={config_file}", f"--results_file={tmp_path / 't.md'}"]
     # every model is checked before any Stage I starts
     with pytest.raises(ValueError, match="--stage=unicode needs a model with a Stage I.*SASRec"):
-        main(["--model=PRORec,SASRec", *base])
+        main(["--model=PRORec,SASRec", *base, "--debug"])
     assert not (tmp_path / "unicode").exists()
     assert main(["--model=PRORec", *base]) == []
     reports = list((tmp_path / "unicode").glob("tiny-*/tiny/stage1.json"))
