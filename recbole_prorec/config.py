@@ -15,13 +15,12 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import numpy as np
 import recbole
-import torch
 import yaml
 from recbole.config import Config
 
 from recbole_prorec import PROJECT_ROOT
 from recbole_prorec.data import find_dataset, search_folders
-from recbole_prorec.distributed import DDP_KEYS, init_cpu_process_group
+from recbole_prorec.distributed import DDP_KEYS, join_group
 
 if TYPE_CHECKING:
     from recbole_prorec.registry import ModelSpec
@@ -207,11 +206,11 @@ class ProjectConfig(Config):
             setattr(np, name, value)
 
     def _init_device(self) -> None:
-        # RecBole's DDP hard-codes NCCL and CUDA; on a CPU-only machine use gloo instead.
-        if "local_rank" not in self.final_config_dict or torch.cuda.is_available():
+        # RecBole's DDP hard-codes NCCL and CUDA and cannot join a group torchrun made
+        if "local_rank" not in self.final_config_dict:
             super()._init_device()
         else:
-            init_cpu_process_group(self.final_config_dict)
+            join_group(self.final_config_dict)
 
 
 _SKIP = object()

@@ -2,13 +2,16 @@
 writes, barriers, summed counts, and launching the worker processes.
 
 RecBole 1.2.1 hard-codes NCCL and CUDA device ids; on a machine without a GPU the processes
-join a gloo group instead. A run is distributed when its config's ``single_spec`` is False.
+join a gloo group instead. Workers come from our launcher (``--nproc``, one machine) or from
+``torchrun`` (any number of machines). A run is distributed when its config's ``single_spec`` is False.
 """
 from __future__ import annotations
 
+import os
 import pickle
 import socket
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,8 +28,9 @@ def is_distributed(config) -> bool:
 
 
 def is_main(config) -> bool:
-    """Rank 0, or a single process: the one that writes files."""
-    return not is_distributed(config) or config["local_rank"] == 0
+    """Global rank 0, or a single process: the one that writes files (on a cluster every node
+    has a local rank 0)."""
+    return not is_distributed(config) or torch.distributed.get_rank() == 0
 
 
 def barrier(config) -> None:
@@ -35,18 +39,58 @@ def barrier(config) -> None:
         torch.distributed.barrier()
 
 
-def init_cpu_process_group(cfg: dict) -> None:
-    """Join the gloo group RecBole would have made an NCCL one; only rank 0 logs and shows progress."""
+def torchrun_overrides() -> dict[str, Any]:
+    """The DDP keys of a worker started by ``torchrun`` (from its RANK, LOCAL_RANK, WORLD_SIZE,
+    LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT), or {} when torchrun did not start us."""
+    env = os.environ
+    if not all(k in env for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        return {}
+    rank, local_rank = int(env["RANK"]), int(env["LOCAL_RANK"])
+    return {"local_rank": local_rank, "world_size": int(env["WORLD_SIZE"]), "offset": rank - local_rank,
+            "nproc": int(env.get("LOCAL_WORLD_SIZE", 1)), "ip": env["MASTER_ADDR"], "port": int(env["MASTER_PORT"])}
+
+
+def join_torchrun_group() -> None:
+    """Join the group torchrun set up (env:// rendezvous) before anything runs, so that Stage I can
+    run on rank 0 while the others wait for it (hence the long timeout)."""
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend, init_method="env://", timeout=timedelta(hours=4))
+
+
+def in_group() -> bool:
+    """Whether this process is one rank of a group (started by torchrun or our launcher)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def global_rank() -> int:
+    return torch.distributed.get_rank() if in_group() else 0
+
+
+def wait_for_all() -> None:
+    """A barrier of the whole group, if this process is in one."""
+    if in_group():
+        torch.distributed.barrier()
+
+
+def join_group(cfg: dict) -> None:
+    """Join the process group RecBole would have made an NCCL one with CUDA device ids (gloo and
+    the CPU on a machine without a GPU), or attach to the one torchrun made; only rank 0 logs and
+    shows progress."""
+    on_gpu = torch.cuda.is_available()
+    if not in_group():
+        torch.distributed.init_process_group(
+            backend="nccl" if on_gpu else "gloo",
+            rank=cfg["local_rank"] + cfg["offset"],
+            world_size=cfg["world_size"],
+            init_method=f"tcp://{cfg['ip']}:{cfg['port']}",
+        )
     cfg["gpu_id"] = str(cfg["gpu_id"])
-    torch.distributed.init_process_group(
-        backend="gloo",
-        rank=cfg["local_rank"] + cfg["offset"],
-        world_size=cfg["world_size"],
-        init_method=f"tcp://{cfg['ip']}:{cfg['port']}",
-    )
-    cfg["device"] = torch.device("cpu")
+    cfg["device"] = torch.device("cuda", cfg["local_rank"]) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(cfg["device"])
     cfg["single_spec"] = False
-    if cfg["local_rank"] != 0:
+    if torch.distributed.get_rank() != 0:
         cfg["state"] = "error"
         cfg["show_progress"] = False
         cfg["verbose"] = False

@@ -68,7 +68,13 @@ def stage1_folder(spec: ModelSpec, dataset: str, config_files: Sequence[str], ov
     None for a model that reads the dataset as it is."""
     if not spec.needs_stage1:
         return None
-    return run_stage1(dataset, config_files, {**spec.overrides, **overrides}).artifact.root
+    overrides = {**spec.overrides, **overrides}
+    if ddp.global_rank() != 0:  # torchrun: rank 0 trains Stage I while the others wait, then reuse it
+        ddp.wait_for_all()
+        return run_stage1(dataset, config_files, {**overrides, "stage1_rerun": False}).artifact.root
+    folder = run_stage1(dataset, config_files, overrides).artifact.root
+    ddp.wait_for_all()
+    return folder
 
 
 def run(
@@ -88,7 +94,8 @@ def run(
     overrides = dict(overrides or {})
     spec = resolve_model(label)
     if hasattr(spec.model_class, "check_config"):  # before a Stage I of minutes, not after it
-        spec.model_class.check_config(ProjectConfig(spec, dataset, config_files, overrides))
+        plain = {k: v for k, v in overrides.items() if k not in ddp.DDP_KEYS}  # joins no process group
+        spec.model_class.check_config(ProjectConfig(spec, dataset, config_files, plain))
     folder = stage1_folder(spec, dataset, config_files, overrides)
     config = ProjectConfig(spec, dataset, config_files, overrides, data_folder=folder)
     config.check_output_folders(["checkpoint_dir"])
@@ -236,6 +243,12 @@ def resume_hint(stop: RunInterrupted, argv: Sequence[str]) -> str:
 
 def _main(argv: Sequence[str] | None) -> list[RunResult]:
     args, overrides = parse_args(argv)
+    torchrun = ddp.torchrun_overrides()
+    if torchrun:  # one of torchrun's workers, on this machine or another
+        if args.nproc > 1:
+            raise ValueError("under torchrun, give the processes per machine to torchrun (--nproc_per_node), not --nproc")
+        ddp.join_torchrun_group()
+        overrides.update(torchrun)
     if args.recommend:
         print_recommendations(args, overrides)
         return []
@@ -261,7 +274,7 @@ def _main(argv: Sequence[str] | None) -> list[RunResult]:
         except RunInterrupted as stop:
             stop.label = label
             raise
-    if results:
+    if results and ddp.global_rank() == 0:  # one table, written by one process
         table = results_table(results)
         out = Path(args.results_file or PROJECT_ROOT / "results" / f"{args.dataset}.md")
         out.parent.mkdir(parents=True, exist_ok=True)
