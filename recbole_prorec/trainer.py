@@ -33,6 +33,8 @@ from recbole_prorec.config import plain_config
 
 
 SCHEDULES = ("constant", "inverse_sqrt", "cosine")
+# keys that change a model's weights, with the value of checkpoints written before the key existed
+ARCHITECTURE_KEYS = {"last_code_token": "shared", "integrated_item_tokens": False}
 # settings a resumed run may change without a warning: where output goes and how it is shown
 RESUME_FREE_KEYS = {"show_progress", "train_time_budget", "epochs", "log_wandb", "state", "gpu_id", "device",
                     "checkpoint_dir", "local_rank", "world_size", "nproc", "offset", "ip", "port", "worker"}
@@ -398,11 +400,10 @@ class SafeTrainer(Trainer):
         mismatch = run_mismatch(saved, self.config)
         if mismatch:
             raise ValueError(mismatch)
-        # PRORec's two forms have different weights; checkpoints older than the key are "shared"
-        mode = self.config["last_code_token"]
-        if mode is not None and saved.get("last_code_token", "shared") != mode:
-            raise ValueError(f"checkpoint was trained with last_code_token={saved.get('last_code_token', 'shared')!r}, "
-                             f"this run has last_code_token={mode!r}")
+        for key, before_the_key in ARCHITECTURE_KEYS.items():  # PRORec's forms have different weights
+            mode, was = self.config[key], saved.get(key, before_the_key)
+            if mode is not None and was != mode:
+                raise ValueError(f"checkpoint was trained with {key}={was!r}, this run has {key}={mode!r}")
         self.model.load_state_dict(checkpoint["state_dict"])
         self.model.load_other_parameter(checkpoint.get("other_parameter"))
 

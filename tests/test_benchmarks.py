@@ -5,10 +5,12 @@ positive numbers. The merge of the dual-code baseline is checked exactly.
 """
 import importlib.util
 import json
+import math
 import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -177,3 +179,39 @@ def test_frequency_quick_groups_users_and_matches_recbole(capsys, monkeypatch):
     first = column(header, rows, "PRORec first code in top 20")
     assert all(f >= r for f, r in zip(first, column(header, rows, "PRORec Recall@20")))
     assert all(r[header.index("SASRec-CE first code in top 20")] == "" for r in rows)
+
+
+def test_memory_quick_traces_every_phase_once_in_order(tmp_path):
+    out = tmp_path / "memory.md"
+    rows = load("memory").main(["--quick", "--device", "cpu", "--out", str(out)])
+    names = [r[0] for r in rows]
+    assert names[0] == "start and imports" and names[1] == "Stage I (or its cached output)"
+    assert names[-4:] == ["model", "training epoch 0", "validation after epoch 0", "test"]
+    assert any(n.startswith("· training epoch") for n in names[2:-4])  # Stage I's DIN, nested under it
+    for _, after, peak, seconds in rows:
+        assert 100 < after <= peak < 64 * 1024 and seconds >= 0
+    text = out.read_text()
+    assert "| whole process (kernel's VmHWM) |  |" in text and text.count("| test |") == 1
+
+
+def test_paper_balance_quick_writes_table_4_and_figure_5(tmp_path):
+    result = load("paper").main(["balance", "--quick", "--device", "cpu", "--out-dir", str(tmp_path)])
+    assert set(result["rows"]) == {"concat", "PRORec"}
+    for row in result["rows"].values():
+        assert all(math.isfinite(v) for v in row.values()) and row["KL to semantic"] > 0
+        assert row["semantic share"] + row["collaborative share"] == pytest.approx(1.0)
+        assert 0 < row["semantic share"] < 1
+    text = (tmp_path / "balance_ml-100k_quick.md").read_text()
+    assert "| concat |" in text and "| PRORec |" in text and "seed 2020" in text and "environment: cpu" in text
+    assert result["png"].stat().st_size > 20_000  # four scatter panels, not an empty canvas
+
+
+def test_balance_shares_favour_the_space_the_final_embeddings_copy():
+    paper = load("paper")
+    rng = np.random.default_rng(0)
+    semantic, collab = rng.normal(size=(60, 8)), rng.normal(size=(60, 8))
+    anchors = np.arange(60)
+    near_semantic = paper.shares(semantic + 0.1 * rng.normal(size=(60, 8)), semantic, collab, anchors, 0.1)
+    assert near_semantic["semantic share"] > 0.9
+    near_collab = paper.shares(collab, semantic, collab, anchors, 0.1)
+    assert near_collab["KL to collaborative"] == pytest.approx(0.0, abs=1e-9) and near_collab["collaborative share"] > 0.99

@@ -66,7 +66,7 @@ def test_a_users_scores_do_not_depend_on_the_rest_of_the_batch(stage2):
 # --------------------------------------------------------------------------- beam search
 
 
-FORMS = {"item": {}, "shared": {"last_code_token": "shared"}, "integrated": {"integrated_item_tokens": True}}
+FORMS = {"item": {"integrated_item_tokens": False}, "shared": {"last_code_token": "shared"}, "integrated": {}}
 
 
 @pytest.mark.parametrize("seed,form", [(0, "item"), (1, "item"), (0, "shared"), (1, "shared"), (0, "integrated")])
@@ -322,7 +322,7 @@ def test_integrated_item_tokens_add_the_projected_stage1_embedding(stage2):
     alike as encoder input, decoder input and output score; level tokens are untouched."""
     _, _, (_, _, test) = stage2
     model = randomise(make_prorec(stage2, integrated_item_tokens=True), 5).eval()
-    plain = make_prorec(stage2)
+    plain = make_prorec(stage2, integrated_item_tokens=False)
     assert set(dict(model.named_parameters())) - set(dict(plain.named_parameters())) == {"integrated_proj.weight"}
     table = model.token_table()
     free = model.token_embedding.weight

@@ -1,0 +1,164 @@
+"""The paper's analyses as commands, on any dataset: each writes a Markdown table and, where the
+paper has a figure, a PNG into ``docs/analysis/`` with the command, seed, hardware and date.
+
+    python benchmarks/paper.py balance --dataset Amazon_Beauty     # Table 4 and Figure 5 (Stage I only)
+    python benchmarks/paper.py balance --quick                     # ml-100k, tiny settings, < 3 min
+
+``balance`` (Table 4, Figure 5): how much of the semantic and of the collaborative space the final
+item embeddings keep, for concatenation and for PRORec. It trains (or reuses) two Stage-I DINs,
+one with CKA (PRORec's integrated embeddings) and one without (the collaborative embeddings, as
+the PRORec-collab and -concat variants use them); the semantic embeddings are the text encoder's.
+Concatenation is PCA(semantic) to the DIN's width, then the collaborative embeddings, as in the
+paper and in Stage I's ``fusion: concat``.
+
+The paper does not say how its distributions (eq. 9-10) are formed; ours, per space X: for a
+sample of anchor items i, P_X(i) = softmax over all other items j of cos(x_i, x_j) / tau. Then
+KL_s = mean over anchors of KL(P_F(i) || P_S(i)) for final embeddings F and semantic S (KL_c
+likewise with the collaborative C), and the shares are share_s = (1/KL_s) / (1/KL_s + 1/KL_c),
+share_c = 1 - share_s: the closer F's neighbourhoods are to a space's, the larger its share.
+"""
+from __future__ import annotations
+
+import sys
+from datetime import date
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import QUICK, ROOT, Report, add_run_arguments, base_parser, markdown_table, run_overrides, setup  # noqa: E402
+
+OUT_DIR = ROOT / "docs" / "analysis"
+
+
+def stage1_embeddings(dataset: str, files: Sequence[str], overrides: dict, variant: str) -> tuple[list[str], np.ndarray, dict]:
+    """Item tokens, embeddings and Stage-I config of ``variant``'s Stage I (run now or reused)."""
+    from recbole_prorec.artifact import embedding_files
+    from recbole_prorec.registry import resolve_model
+    from recbole_prorec.stage1 import run_stage1
+
+    result = run_stage1(dataset, files, {**resolve_model(variant).overrides, **overrides})
+    emb_file, items_file = embedding_files(result.artifact.folder, dataset)
+    tokens = items_file.read_text(encoding="utf-8").split("\n")[: len(np.load(emb_file))]
+    return tokens, np.load(emb_file), result.config
+
+
+def text_embeddings(dataset: str, files: Sequence[str], overrides: dict, tokens: list[str]) -> np.ndarray:
+    """The text encoder's embeddings of ``tokens`` (from Stage I's cache when it has them)."""
+    from recbole_prorec.prorec_din import semantic_embeddings
+    from recbole_prorec.stage1 import stage1_config
+
+    config = stage1_config(dataset, files, overrides)
+    return semantic_embeddings(config, Path(config["data_path"]) / f"{dataset}.item", tokens)
+
+
+def neighbour_distributions(x: np.ndarray, anchors: np.ndarray, tau: float) -> np.ndarray:
+    """Row a: softmax over every item j != anchors[a] of cos(x_a, x_j) / tau."""
+    x = x.astype(np.float64)  # float32 underflows the far neighbours' probabilities to 0
+    unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    logits = unit[anchors] @ unit.T / tau
+    logits[np.arange(len(anchors)), anchors] = -np.inf
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def mean_kl(p: np.ndarray, q: np.ndarray) -> float:
+    """Mean over rows of KL(p || q) (zero-probability entries of p contribute nothing)."""
+    ratio = np.where(p > 0, p / np.maximum(q, 1e-300), 1.0)
+    return float((p * np.log(ratio)).sum(axis=1).mean())
+
+
+def shares(final: np.ndarray, semantic: np.ndarray, collab: np.ndarray, anchors: np.ndarray, tau: float) -> dict:
+    p = {name: neighbour_distributions(x, anchors, tau) for name, x in
+         (("final", final), ("semantic", semantic), ("collab", collab))}
+    kl_s, kl_c = mean_kl(p["final"], p["semantic"]), mean_kl(p["final"], p["collab"])
+    inverse_s, inverse_c = 1 / max(kl_s, 1e-12), 1 / max(kl_c, 1e-12)  # a KL of 0: that space is all of F
+    share_s = inverse_s / (inverse_s + inverse_c)
+    return {"KL to semantic": kl_s, "KL to collaborative": kl_c, "semantic share": share_s, "collaborative share": 1 - share_s}
+
+
+def tsne_panels(spaces: dict[str, np.ndarray], clusters: int, seed: int, out: Path) -> None:
+    """Figure 5: one t-SNE panel per space, points coloured by k-means cluster in that space."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.cluster import KMeans
+    from sklearn.manifold import TSNE
+
+    fig, axes = plt.subplots(1, len(spaces), figsize=(4 * len(spaces), 4))
+    for ax, (name, x) in zip(axes, spaces.items()):
+        labels = KMeans(clusters, n_init=4, random_state=seed).fit_predict(x)
+        xy = TSNE(2, init="pca", perplexity=min(30, len(x) // 4), random_state=seed).fit_transform(x)
+        ax.scatter(xy[:, 0], xy[:, 1], c=labels, s=3, cmap="tab10")
+        ax.set_title(name)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def balance(args, files: Sequence[str], overrides: dict) -> dict:
+    from recbole_prorec.stage1 import pca
+
+    tokens, integrated, config = stage1_embeddings(args.dataset, files, overrides, "PRORec")
+    collab_tokens, collab, _ = stage1_embeddings(args.dataset, files, overrides, "PRORec-collab")
+    collab = collab[[collab_tokens.index(t) for t in tokens]] if collab_tokens != tokens else collab
+    semantic = text_embeddings(args.dataset, files, overrides, tokens)
+    concat = np.hstack([pca(semantic, collab.shape[1], args.seed), collab])
+    rng = np.random.default_rng(args.seed)
+    anchors = np.sort(rng.choice(len(tokens), size=min(args.anchors, len(tokens)), replace=False))
+    rows = {name: shares(final, semantic, collab, anchors, args.tau) for name, final in
+            (("concat", concat), ("PRORec", integrated))}
+    sample = np.sort(rng.choice(len(tokens), size=min(args.tsne_items, len(tokens)), replace=False))
+    stem = f"balance_{args.dataset}" + ("_quick" if args.quick else "")  # a smoke run never replaces a real one
+    png = Path(args.out_dir) / f"{stem}.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tsne_panels({"semantic": semantic[sample], "collaborative": collab[sample], "concat": concat[sample],
+                 "PRORec": integrated[sample]}, args.clusters, args.seed, png)
+    report = Report(f"Modality balance on {args.dataset} (paper Table 4, Figure 5)",
+                    ["benchmarks/paper.py", *args.argv])
+    header = ["embeddings", "KL to semantic", "KL to collaborative", "semantic share", "collaborative share"]
+    table = [[name] + [f"{r[h]:.4f}" for h in header[1:]] for name, r in rows.items()]
+    report.add(f"{date.today()}, seed {args.seed}; {len(tokens):,} items, {len(anchors):,} anchor items, "
+               f"tau {args.tau}; text encoder {config['semantic_encoder']}; DIN width {collab.shape[1]}. "
+               f"Definitions: the docstring of `benchmarks/paper.py`.\n\n" + markdown_table(header, table)
+               + f"\n\nFigure 5: `{png.name}`, t-SNE of {len(sample):,} items per space, coloured by "
+               f"{args.clusters} k-means clusters of that space.")
+    report.save(str(Path(args.out_dir) / f"{stem}.md"))
+    return {"rows": rows, "png": png}
+
+
+ANALYSES = {"balance": balance}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = base_parser(__doc__.split("\n")[0])
+    parser.add_argument("analysis", choices=sorted(ANALYSES))
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--seed", type=int, default=2020)
+    parser.add_argument("--out-dir", default=str(OUT_DIR), help="folder for the tables and figures")
+    parser.add_argument("--anchors", type=int, default=2000, help="balance: anchor items of the KL estimate")
+    parser.add_argument("--tau", type=float, default=0.1, help="balance: softmax temperature of the neighbourhoods")
+    parser.add_argument("--tsne-items", type=int, default=3000, help="balance: items drawn in each t-SNE panel")
+    parser.add_argument("--clusters", type=int, default=8, help="balance: k-means clusters that colour the points")
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    device = setup(args)
+    overrides, tmp = run_overrides(args, parser, device)
+    if args.quick:
+        overrides["stage1"] = dict(QUICK["stage1"])
+    files = [f for f in args.config_files.split(",") if f]
+    try:
+        return ANALYSES[args.analysis](args, files, overrides)
+    finally:
+        if tmp:
+            tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
