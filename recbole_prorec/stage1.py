@@ -36,7 +36,7 @@ IGNORED_KEYS = {
     "semantic_device", "din_full_sort_chunk", "checkpoint_dir", "data_search_paths", "dataset_save_path",
     "dataloaders_save_path", "save_dataset", "save_dataloaders", "eval_batch_size", "gpu_id", "use_gpu",
     "local_rank", "single_spec", "worker", "state", "show_progress", "log_wandb", "wandb_project",
-    "loss_decimal_place", "metric_decimal_place", "model_label", "load_checkpoint",
+    "loss_decimal_place", "metric_decimal_place", "model_label", "load_checkpoint", "release_memory_every",
     # where the inputs lie; their bytes are hashed instead (stage1_key)
     "data_path", "semantic_embedding_file",
 }

@@ -130,3 +130,20 @@ def test_tensorboard_holds_each_loss_part_by_name(tiny_overrides, tmp_path, monk
         values = [(e.step, e.value) for e in acc.Scalars(part)]
         name = part.rsplit("/", 1)[1]
         assert values == [(entry["epoch"], pytest.approx(entry[name], rel=1e-5)) for entry in result.curve]
+
+
+def test_freed_memory_goes_back_every_few_batches_and_after_each_epoch(stage2, tmp_path, monkeypatch):
+    import recbole_prorec.trainer as trainer_module
+
+    config, _, (train, valid, _) = stage2
+    calls = []
+    monkeypatch.setattr(trainer_module, "release_freed_memory", lambda: calls.append(1))
+    changes = {"epochs": 2, "eval_step": 1, "release_memory_every": 3, "checkpoint_dir": str(tmp_path)}
+    saved = {k: config[k] for k in changes}
+    config.final_config_dict.update(changes)
+    try:
+        SafeTrainer(config, make_prorec(stage2)).fit(train, valid, saved=False)
+    finally:
+        config.final_config_dict.update(saved)
+    per_epoch = (len(train) - 1) // 3 + 2  # batches 3, 6, ...; then after training and after validation
+    assert len(train) > 3 and len(calls) == 2 * per_epoch
