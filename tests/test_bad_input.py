@@ -28,6 +28,8 @@ INTER, ITEM = f"{DATASET}.inter", f"{DATASET}.item"
 
 # name -> (how the dataset folder is broken, what the message must say)
 DATA_CASES = {
+    "inter missing": (lambda f: (f / INTER).unlink(),
+                      rf"dataset '{DATASET}' not found: no {INTER} in"),
     "inter header only": (lambda f: write_lines(f / INTER, lines_of(f / INTER)[:1]),
                           rf"{INTER} has a header but no rows"),
     "inter cut mid-line": (lambda f: (f / INTER).write_text((f / INTER).read_text()[:-9], encoding="utf-8"),
