@@ -59,7 +59,7 @@ def make_codes(method: str, n_items: int, seed: int, K: int = 256, dim: int = 64
 
 
 def build_prorec(root: Path, name: str, beam: int, device: torch.device, seed: int):
-    """A randomly initialised paper-size PRORec on ``root/name`` (IKD off: no embeddings needed)."""
+    """A randomly initialised paper-size PRORec on ``root/name`` (IKD off: it changes no decoding)."""
     run = load_run("PRORec", root, name, {"ikd_weight": 0.0, "beam_size": beam, "seed": seed})
     return run.model().to(device).eval(), run.train._dataset
 
@@ -117,7 +117,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for i, stream in enumerate(streams):
             with thread_limit(args):
                 codes = make_codes(args.codes, n_items, args.seed + i)
-            write_synthetic_dataset(roots[stream], "synthetic", n_items, codes, seed=args.seed)
+            # random Stage-I embeddings: the default integrated item tokens project them once per search
+            integrated = np.random.default_rng(args.seed + i).standard_normal((n_items, 64)).astype(np.float32)
+            write_synthetic_dataset(roots[stream], "synthetic", n_items, codes, integrated=integrated, seed=args.seed)
             # beam_size >= max(topk) = 20 is checked at construction; beam_size is set per run below
             models[stream], data = build_prorec(roots[stream], "synthetic", max(beams + [20]), device,
                                                 args.seed + i)

@@ -18,6 +18,7 @@ its own instead of being memorised in the shared decoder weights.
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -193,6 +194,7 @@ class PRORec(SequentialRecommender):
         if self.ikd_weight:
             self.ikd_proj = nn.Linear(self.hidden, self.integrated.shape[1])
         self.beam_stats: Counter = Counter()
+        self._table: torch.Tensor | None = None  # set by one_table for one pass
         self.apply(self._init_weights)
 
     @classmethod
@@ -226,8 +228,22 @@ class PRORec(SequentialRecommender):
         items = table[self.item_offset :] + self.integrated_proj(self.integrated)
         return torch.cat([table[: self.item_offset], items])
 
+    @contextmanager
+    def one_table(self):
+        """Use one token table for a whole pass (encoder and decoder inputs, item scores, every
+        beam-search step): with integrated item tokens it costs a [n_items, d] x [d, H] product
+        and its backward, which a pass would otherwise pay three times, and each step of a search."""
+        self._table = self.token_table()
+        try:
+            yield
+        finally:
+            self._table = None
+
+    def tokens_table(self) -> torch.Tensor:
+        return self._table if self._table is not None else self.token_table()
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.embedding(tokens, self.token_table(), padding_idx=0)
+        return F.embedding(tokens, self.tokens_table(), padding_idx=0)
 
     def code_tokens(self, codes: torch.Tensor) -> torch.Tensor:
         """Code values [..., L] -> level token ids (level-specific vocabulary; -1 -> padding 0)."""
@@ -299,7 +315,7 @@ class PRORec(SequentialRecommender):
         gathering [N, K, H] embeddings is a slow scatter); without, one [rows, H] x [H, K] product
         per distinct node (beams crowd into few clusters), which never forms [N, n_items]; on a GPU
         that is a few hundred small products per step, fine at beam 20 (decode.py measures it)."""
-        table = self.token_table()[self.item_offset :]
+        table = self.tokens_table()[self.item_offset :]
         children = getattr(self, f"child_items_{level}").clamp(min=0)
         if torch.is_grad_enabled():
             return (states @ table.T + self.item_bias).gather(1, children[nodes])
@@ -312,14 +328,15 @@ class PRORec(SequentialRecommender):
 
     def teacher_forced(self, interaction, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits [B, C, K] of each code of ``items``, its codes [B, C] and the [IKD] state [B, H]."""
-        memory, memory_mask = self.encode(interaction)
-        codes = self.codes[items]
-        B = len(items)
-        bos = torch.full((B, 1), self.bos, device=items.device)
-        ikd = torch.full((B, 1), self.ikd_token, device=items.device)
-        tokens = torch.cat([bos, self.item_tokens[items], ikd], dim=1)
-        states = self.decode(tokens[:, None], memory, memory_mask)[:, 0]
-        return self.level_logits(states[:, : self.code_len], self.item_nodes[items]), codes, states[:, -1]
+        with self.one_table():
+            memory, memory_mask = self.encode(interaction)
+            codes = self.codes[items]
+            B = len(items)
+            bos = torch.full((B, 1), self.bos, device=items.device)
+            ikd = torch.full((B, 1), self.ikd_token, device=items.device)
+            tokens = torch.cat([bos, self.item_tokens[items], ikd], dim=1)
+            states = self.decode(tokens[:, None], memory, memory_mask)[:, 0]
+            return self.level_logits(states[:, : self.code_len], self.item_nodes[items]), codes, states[:, -1]
 
     def calculate_loss(self, interaction) -> tuple[torch.Tensor, ...]:
         """Generation loss per code level (their sum is L_GR; a level an item's code does not
@@ -349,20 +366,21 @@ class PRORec(SequentialRecommender):
     @torch.no_grad()
     def beam_search(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
         """Top ``beam_size`` items [B, W] and their code log-likelihoods, best first."""
-        memory, memory_mask = self.encode(interaction)  # once per user, shared by its beams and steps
-        B, W, device = memory_mask.shape[0], self.beam_size, memory_mask.device
-        if self.trie.device != device:
-            self.trie.to(device)
-        bos = torch.full((B * W, 1), self.bos, device=device)
+        with self.one_table():
+            memory, memory_mask = self.encode(interaction)  # once per user, shared by its beams and steps
+            B, W, device = memory_mask.shape[0], self.beam_size, memory_mask.device
+            if self.trie.device != device:
+                self.trie.to(device)
+            bos = torch.full((B * W, 1), self.bos, device=device)
 
-        def step(prefix: torch.Tensor) -> torch.Tensor:
-            # an unfinished beam's prefix holds inner nodes only, whose tokens are level tokens
-            tokens = torch.cat([bos, self.code_tokens(prefix)], dim=1).view(B, W, -1)
-            last = self.decode(tokens, memory, memory_mask)[:, :, -1].reshape(B * W, 1, -1)
-            node = self.trie.node_path(prefix)[:, -1:]  # at most code length - 1 table lookups
-            return self.level_logits(last, node, prefix.shape[1])[:, 0].log_softmax(-1)
+            def step(prefix: torch.Tensor) -> torch.Tensor:
+                # an unfinished beam's prefix holds inner nodes only, whose tokens are level tokens
+                tokens = torch.cat([bos, self.code_tokens(prefix)], dim=1).view(B, W, -1)
+                last = self.decode(tokens, memory, memory_mask)[:, :, -1].reshape(B * W, 1, -1)
+                node = self.trie.node_path(prefix)[:, -1:]  # at most code length - 1 table lookups
+                return self.level_logits(last, node, prefix.shape[1])[:, 0].log_softmax(-1)
 
-        return constrained_beam_search(step, self.trie, B, W)
+            return constrained_beam_search(step, self.trie, B, W)
 
     def full_sort_predict(self, interaction) -> torch.Tensor:
         items, scores = self.beam_search(interaction)

@@ -160,9 +160,11 @@ def test_ikd_gradients_reach_the_decoder(stage2):
 def test_ikd_weight_zero_turns_ikd_off(stage2):
     _, _, (train, _, _) = stage2
     model = make_prorec(stage2, ikd_weight=0.0)
-    assert not hasattr(model, "integrated") and not hasattr(model, "ikd_proj")
+    assert hasattr(model, "integrated") and not hasattr(model, "ikd_proj")  # integrated item tokens read them
     *gen, ikd = model.calculate_loss(first_batch(train))
     assert ikd.item() == 0 and all(g.item() > 0 for g in gen)
+    plain = make_prorec(stage2, ikd_weight=0.0, integrated_item_tokens=False)
+    assert not hasattr(plain, "integrated") and not hasattr(plain, "ikd_proj")  # Stage I's embeddings unread
 
 
 def chance_loss(model: PRORec, targets: torch.Tensor) -> float:
@@ -311,7 +313,7 @@ def test_item_mode_gives_each_item_its_own_token_tied_to_its_output_score(stage2
         states = item_mode.decode(tokens[:, None], memory, mask)[:, 0]
     rows = torch.arange(len(targets))
     target_last = (codes >= 0).sum(1) - 1
-    expected = (states[rows, target_last] * item_mode.token_embedding.weight[item_mode.item_offset + targets]).sum(-1)
+    expected = (states[rows, target_last] * item_mode.token_table()[item_mode.item_offset + targets]).sum(-1)
     expected = expected + item_mode.item_bias[targets]
     got = logits[rows, target_last].gather(1, codes[rows, target_last][:, None]).squeeze(1)
     torch.testing.assert_close(got, expected)
@@ -446,6 +448,6 @@ def test_missing_embeddings_file_with_ikd_names_the_file(stage1_folder, tmp_path
     (root / DATASET / f"{DATASET}.emb.npy").unlink()
     with pytest.raises(FileNotFoundError, match=r"tiny\.emb\.npy"):
         build_model(tiny_overrides, root)
-    # without IKD the embeddings are not needed
-    model = build_model(tiny_overrides, root, ikd_weight=0.0)
+    # without IKD and integrated item tokens the embeddings are not needed
+    model = build_model(tiny_overrides, root, ikd_weight=0.0, integrated_item_tokens=False)
     assert not hasattr(model, "integrated")
