@@ -106,7 +106,8 @@ def balance(args, files: Sequence[str], overrides: dict) -> dict:
 
     tokens, integrated, config = stage1_embeddings(args.dataset, files, overrides, "PRORec")
     collab_tokens, collab, _ = stage1_embeddings(args.dataset, files, overrides, "PRORec-collab")
-    collab = collab[[collab_tokens.index(t) for t in tokens]] if collab_tokens != tokens else collab
+    row = {t: i for i, t in enumerate(collab_tokens)}
+    collab = collab[[row[t] for t in tokens]]  # both artifacts' rows in one item order
     semantic = text_embeddings(args.dataset, files, overrides, tokens)
     concat = np.hstack([pca(semantic, collab.shape[1], args.seed), collab])
     rng = np.random.default_rng(args.seed)

@@ -43,9 +43,10 @@ def load_data(spec: ModelSpec, config: ProjectConfig) -> Run:
         require_codes(Path(config["data_path"]), config["dataset"])
     folder = Path(config["data_path"])
     check_columns(folder.parent, config["dataset"], config["load_col"])
-    for suffix, unique in (("inter", None), ("item", config["ITEM_ID_FIELD"])):
-        if (folder / f"{config['dataset']}.{suffix}").is_file():
-            check_rows(folder / f"{config['dataset']}.{suffix}", unique)
+    if not spec.needs_stage1:  # a Stage-I artifact copies source files Stage I checked row by row
+        for suffix, unique in (("inter", None), ("item", config["ITEM_ID_FIELD"])):
+            if (folder / f"{config['dataset']}.{suffix}").is_file():
+                check_rows(folder / f"{config['dataset']}.{suffix}", unique)
     init_seed(config["seed"], config["reproducibility"])
     data = create_dataset(config)
     check_split(data, config)

@@ -33,12 +33,6 @@ def is_main(config) -> bool:
     return not is_distributed(config) or torch.distributed.get_rank() == 0
 
 
-def barrier(config) -> None:
-    """Wait for every rank (e.g. until rank 0 has written a file the others read)."""
-    if is_distributed(config):
-        torch.distributed.barrier()
-
-
 def torchrun_overrides() -> dict[str, Any]:
     """The DDP keys of a worker started by ``torchrun`` (from its RANK, LOCAL_RANK, WORLD_SIZE,
     LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT), or {} when torchrun did not start us."""
@@ -68,7 +62,8 @@ def global_rank() -> int:
 
 
 def wait_for_all() -> None:
-    """A barrier of the whole group, if this process is in one."""
+    """Wait for every rank of the group, if this process is in one (e.g. until rank 0 has written
+    a file the others read)."""
     if in_group():
         torch.distributed.barrier()
 

@@ -218,10 +218,13 @@ class PRORec(SequentialRecommender):
             nn.init.zeros_(module.bias)
 
     def token_table(self) -> torch.Tensor:
-        """Embeddings [vocab, H] of every token. With ``integrated_item_tokens`` an item's own token
-        is its free embedding plus a learned projection of its Stage-I integrated embedding: items
-        seldom seen in training (the many rare test targets) still get a token informed by their
-        text and collaborative neighbours instead of one that was only ever pushed down."""
+        """Embeddings [vocab, H] of every token (the one of the current pass, under ``one_table``).
+        With ``integrated_item_tokens`` an item's own token is its free embedding plus a learned
+        projection of its Stage-I integrated embedding: items seldom seen in training (the many rare
+        test targets) still get a token informed by their text and collaborative neighbours instead
+        of one that was only ever pushed down."""
+        if self._table is not None:
+            return self._table
         table = self.token_embedding.weight
         if not self.integrated_item_tokens:
             return table
@@ -239,11 +242,8 @@ class PRORec(SequentialRecommender):
         finally:
             self._table = None
 
-    def tokens_table(self) -> torch.Tensor:
-        return self._table if self._table is not None else self.token_table()
-
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.embedding(tokens, self.tokens_table(), padding_idx=0)
+        return F.embedding(tokens, self.token_table(), padding_idx=0)
 
     def code_tokens(self, codes: torch.Tensor) -> torch.Tensor:
         """Code values [..., L] -> level token ids (level-specific vocabulary; -1 -> padding 0)."""
@@ -315,7 +315,7 @@ class PRORec(SequentialRecommender):
         gathering [N, K, H] embeddings is a slow scatter); without, one [rows, H] x [H, K] product
         per distinct node (beams crowd into few clusters), which never forms [N, n_items]; on a GPU
         that is a few hundred small products per step, fine at beam 20 (decode.py measures it)."""
-        table = self.tokens_table()[self.item_offset :]
+        table = self.token_table()[self.item_offset :]
         children = getattr(self, f"child_items_{level}").clamp(min=0)
         if torch.is_grad_enabled():
             return (states @ table.T + self.item_bias).gather(1, children[nodes])

@@ -150,7 +150,7 @@ def pretrain(data: Run) -> float:
     trainer.saved_model_file = trainer.saved_model_file.replace(".pth", "-pretrained.pth")
     start = monotonic()
     path = trainer.pretrain(data.train, show_progress=config["show_progress"])
-    ddp.barrier(config)  # the file is written by rank 0 only
+    ddp.wait_for_all()  # the file is written by rank 0 only
     config["train_stage"] = "finetune"
     config["pre_model_path"] = path
     if config["train_time_budget"]:  # one budget for both phases; a spent one still fine-tunes an epoch

@@ -14,6 +14,7 @@ SIGINT or SIGTERM stop training at the next batch boundary and leave it for ``--
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import random
@@ -65,10 +66,19 @@ def release_freed_memory() -> None:
     the process grew from 0.4 to 2.7 GB in three epochs, of which all but about 0.15 GB came back
     with ``malloc_trim`` (``docs/RESULTS.md``, memory). Called after every epoch, validation and
     ``release_memory_every`` training batches."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """glibc, loaded once, or None where there is none (macOS, musl)."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
 
 
 class _BudgetExhausted(Exception):
@@ -108,7 +118,7 @@ def latest_resume_file(config) -> str:
     """The newest resume state in ``checkpoint_dir`` of this model on this data (``--resume``)."""
     folder = Path(config["checkpoint_dir"])
     for path in sorted(folder.glob(f"*{RESUME_SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True):
-        if run_mismatch(load_checkpoint(str(path))["config"], config) is None:
+        if run_mismatch(torch.load(path, weights_only=True, mmap=True)["config"], config) is None:  # no tensor read
             return str(path)
     raise FileNotFoundError(f"no resume state (*{RESUME_SUFFIX}) of model {config['model']} on {config['data_path']} "
                             f"in checkpoint_dir {folder}: nothing to resume")
@@ -334,12 +344,10 @@ class SafeTrainer(Trainer):
             + f": {e_time - s_time:.2f}s, mean per batch: {parts}]"
         )
 
-    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
-        if not ddp.is_main(self.config):
-            return
-        self.best_epoch = epoch
-        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
-        state = {
+    def _checkpoint_state(self, epoch: int) -> dict[str, Any]:
+        """What every checkpoint holds: plain config, weights, optimizer, schedule and early-stopping
+        counters, as tensors and plain data only (``weights_only`` loads)."""
+        return {
             "config": plain_config(self.config),
             "epoch": int(epoch),
             "cur_step": int(self.cur_step),
@@ -352,7 +360,13 @@ class SafeTrainer(Trainer):
             },
             "optimizer": self.optimizer.state_dict(),
         }
-        torch.save(state, saved_model_file)
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        if not ddp.is_main(self.config):
+            return
+        self.best_epoch = epoch
+        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+        torch.save(self._checkpoint_state(epoch), saved_model_file)
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
 
@@ -363,17 +377,8 @@ class SafeTrainer(Trainer):
         if not ddp.is_main(self.config):
             return
         state = {
-            "config": plain_config(self.config),
-            "epoch": int(epoch),
+            **self._checkpoint_state(epoch),
             "best_checkpoint": self.saved_model_file,
-            "state_dict": self.model.state_dict(),
-            "other_parameter": {
-                k: v for k, v in (self.model.other_parameter() or {}).items() if not isinstance(v, torch.nn.Module)
-            },
-            "optimizer": self.optimizer.state_dict(),
-            "lr_step": int(self.lr_step),
-            "cur_step": int(self.cur_step),
-            "best_valid_score": float(self.best_valid_score),
             "best_valid_result": {k: float(v) for k, v in (self.best_valid_result or {}).items()},
             "best_epoch": int(self.best_epoch),
             "train_time": float(self.train_time),
@@ -428,7 +433,7 @@ class SafeTrainer(Trainer):
 
     def load_best(self, model_file: str | None = None) -> None:
         """Load the best checkpoint's weights (``model_file``, else this run's) into the model."""
-        ddp.barrier(self.config)  # until rank 0 has written the checkpoint
+        ddp.wait_for_all()  # until rank 0 has written the checkpoint
         checkpoint_file = model_file or self.saved_model_file
         self._load_state(load_checkpoint(checkpoint_file, self.device))
         self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
