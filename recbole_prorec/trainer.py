@@ -214,6 +214,16 @@ class SafeTrainer(Trainer):
         self._resumed: dict | None = None  # RNG states and epoch of a resume state, until applied
         self._elapsed_before = 0.0  # fit seconds of the run this one resumes
 
+    def _build_optimizer(self, **kwargs) -> torch.optim.Optimizer:
+        """RecBole's optimizer; Adam and AdamW in torch's fused form, the same update in one kernel
+        over all parameters instead of one small kernel per tensor (PRORec on Beauty, 2-core CPU:
+        9.7 -> 1.7 ms per step, about 4 % of a training step)."""
+        optimizer = super()._build_optimizer(**kwargs)
+        if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+            return optimizer
+        groups = [{**group, "fused": True, "foreach": None} for group in optimizer.param_groups]
+        return type(optimizer)(groups, fused=True)
+
     def _add_schedule(self, batches_per_epoch: int, epochs: int) -> None:
         """Attach the schedule to the optimizer once, when the epoch length is known (a cosine
         spans ``lr_decay_steps``, 0: ``epochs`` epochs); it starts at ``lr_step``."""

@@ -451,3 +451,26 @@ def test_missing_embeddings_file_with_ikd_names_the_file(stage1_folder, tmp_path
     # without IKD and integrated item tokens the embeddings are not needed
     model = build_model(tiny_overrides, root, ikd_weight=0.0, integrated_item_tokens=False)
     assert not hasattr(model, "integrated")
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+def test_dropout_keeps_the_expectation_and_drops_a_share_p(p):
+    """PRORecDropout draws its mask with rand_like: a share p of entries is zeroed, the others are
+    scaled by 1 / (1 - p) (so the mean is kept), the gradient flows through the kept ones only,
+    and evaluation mode is the identity."""
+    from recbole_prorec.prorec import PRORecDropout
+
+    torch.manual_seed(0)
+    drop = PRORecDropout(p)
+    x = torch.full((200, 500), 2.0, requires_grad=True)
+    y = drop(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - p) < 0.01
+    assert torch.allclose(y[y != 0], torch.tensor(2.0 / (1 - p)))
+    assert abs(y.mean().item() - 2.0) < 0.03
+    y.sum().backward()
+    assert torch.equal(x.grad == 0, y == 0)
+    drop.eval()
+    assert drop(x) is x
+    assert PRORecDropout(0.0)(x) is x
+    assert torch.equal(PRORecDropout(1.0)(x), torch.zeros_like(x))

@@ -147,3 +147,22 @@ def test_freed_memory_goes_back_every_few_batches_and_after_each_epoch(stage2, t
         config.final_config_dict.update(saved)
     per_epoch = (len(train) - 1) // 3 + 2  # batches 3, 6, ...; then after training and after validation
     assert len(train) > 3 and len(calls) == 2 * per_epoch
+
+
+@pytest.mark.parametrize("learner,fused", [("adam", True), ("adamw", True), ("sgd", None)])
+def test_adam_and_adamw_are_fused_and_keep_their_settings(stage2, learner, fused):
+    """The trainer's Adam / AdamW are torch's fused kernels with RecBole's lr and weight decay over
+    every parameter; other learners are RecBole's, untouched."""
+    config, _, _ = stage2
+    saved = config["learner"], config["weight_decay"]
+    config["learner"], config["weight_decay"] = learner, 0.01
+    try:
+        model = make_prorec(stage2)
+        optimizer = SafeTrainer(config, model).optimizer
+    finally:
+        config["learner"], config["weight_decay"] = saved
+    assert type(optimizer).__name__.lower() == learner
+    group, = optimizer.param_groups
+    assert group.get("fused") is fused
+    assert group["lr"] == config["learning_rate"] and group["weight_decay"] == 0.01
+    assert [id(p) for p in group["params"]] == [id(p) for p in model.parameters()]
