@@ -77,8 +77,9 @@ def synthetic_texts(n: int, seed: int = 0) -> list[str]:
 
 
 def train_step_fn(model, batch=None) -> tuple[Callable, torch.optim.Optimizer]:
-    """One optimisation step as in training (losses summed, backward, Adam step) and its optimizer."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    """One optimisation step as in training (losses summed, backward, Adam step) and its optimizer
+    (fused, as ``SafeTrainer`` builds it)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     model.train()
 
     def step(b=batch) -> None:

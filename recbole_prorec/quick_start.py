@@ -15,7 +15,7 @@ from recbole_prorec.build import load_data
 from recbole_prorec.config import ProjectConfig, plain_config
 from recbole_prorec.distributed import DDP_KEYS
 from recbole_prorec.logs import start_log
-from recbole_prorec.registry import resolve_model
+from recbole_prorec.registry import ModelSpec, resolve_model
 from recbole_prorec.trainer import SafeTrainer, load_checkpoint
 
 # Keys of a saved config that describe the machine or the data's place, not the run's settings.
@@ -58,13 +58,16 @@ def run(
     }
 
 
-def load_data_and_model(model_file: str | Path):
-    """``(config, model, dataset, train_data, valid_data, test_data)`` of a checkpoint the runner
-    saved, rebuilt from the settings it records (only those that differ from the defaults are
-    replayed), with the best weights loaded."""
+def checkpoint_config(model_file: str | Path, data_folder: Path | None = None,
+                      extra: Mapping[str, Any] | None = None) -> tuple[ModelSpec, ProjectConfig]:
+    """The config of the run that saved ``model_file``, rebuilt from the settings it records (only
+    those that differ from the defaults are replayed); ``data_folder`` replaces its data's folder
+    and ``extra`` settings are added."""
     saved = load_checkpoint(str(model_file))["config"]
     spec = resolve_model(saved.get("model_label") or saved["model"])
-    folder = Path(saved["data_path"]).parent
+    if data_folder is not None and not (data_folder / saved["dataset"]).is_dir():
+        raise FileNotFoundError(f"data folder {data_folder / saved['dataset']} does not exist")
+    folder = data_folder or Path(saved["data_path"]).parent
     if not (folder / saved["dataset"]).is_dir():
         if spec.needs_stage1:
             raise FileNotFoundError(f"{model_file} was trained on the Stage-I artifact {folder / saved['dataset']}, "
@@ -72,7 +75,14 @@ def load_data_and_model(model_file: str | Path):
         folder = None  # the data moved: look for the dataset where a run would
     defaults = plain_config(ProjectConfig(spec, saved["dataset"], data_folder=folder))
     overrides = {k: v for k, v in saved.items() if k not in MACHINE_KEYS and defaults.get(k, object()) != v}
-    config = ProjectConfig(spec, saved["dataset"], (), overrides, data_folder=folder)
+    overrides.update(extra or {})
+    return spec, ProjectConfig(spec, saved["dataset"], (), overrides, data_folder=folder)
+
+
+def load_data_and_model(model_file: str | Path):
+    """``(config, model, dataset, train_data, valid_data, test_data)`` of a checkpoint the runner
+    saved, with the best weights loaded."""
+    spec, config = checkpoint_config(model_file)
     start_log(config)
     data = load_data(spec, config)
     model = data.model()

@@ -74,15 +74,13 @@ def recommend(
         histories = user_histories(dataset, _ids(dataset, dataset.uid_field, list(user_ids), "user id(s)"))
     else:
         histories = [_ids(dataset, dataset.iid_field, list(h), "item id(s)") for h in history]
+    if not histories:
+        raise ValueError("no user ids or histories given")
     if any(not h for h in histories):
         raise ValueError("every history needs at least one item")
     if k > getattr(model, "beam_size", k):
         raise ValueError(f"k={k} is more than the model's beam_size {model.beam_size}: raise beam_size")
-    scores = score(model, histories, config["MAX_ITEM_LIST_LENGTH"], config["device"])
-    if exclude_history:
-        for row, h in enumerate(histories):
-            scores[row, h] = float("-inf")
-    top_scores, top_items = scores.topk(k, dim=1)
+    top_scores, top_items = top_k(model, histories, k, exclude_history, config)
     names = titles(Path(config["data_path"]) / f"{config['dataset']}.item", "title", dataset.iid_field)
     out = []
     for row, h in enumerate(histories):
@@ -93,6 +91,23 @@ def recommend(
             history=[str(t) for t in dataset.id2token(dataset.iid_field, h)],
             items=items, scores=top_scores[row][finite].tolist(), titles=[names.get(i, "") for i in items]))
     return out
+
+
+def top_k(model, histories: list[list[int]], k: int, exclude_history: bool, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores and items [len(histories), k] of each history's top ``k``, scored ``eval_batch_size``
+    histories at a time, so that all of a dataset's users fit in memory."""
+    values, items = [], []
+    batch = config["eval_batch_size"]
+    for start in range(0, len(histories), batch):
+        chunk = histories[start : start + batch]
+        scores = score(model, chunk, config["MAX_ITEM_LIST_LENGTH"], config["device"])
+        if exclude_history:
+            for row, h in enumerate(chunk):
+                scores[row, h] = float("-inf")
+        top = scores.topk(k, dim=1)
+        values.append(top.values.cpu())
+        items.append(top.indices.cpu())
+    return torch.cat(values), torch.cat(items)
 
 
 @torch.no_grad()

@@ -187,6 +187,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str
     parser.add_argument("--history", default=None, help="with --recommend: comma-separated item ids, oldest first")
     parser.add_argument("--k", type=int, default=10, help="with --recommend: items per user")
     parser.add_argument("--exclude_history", action="store_true", help="with --recommend: drop items already seen")
+    parser.add_argument("--add_items", default=None, metavar="FILE",
+                        help="give the new items of an atomic .item FILE (text only) codes and weights in a copy of "
+                        "a trained PRORec (--load_checkpoint=FILE), without retraining")
+    parser.add_argument("--placement", choices=["tree", "random"], default="tree",
+                        help="with --add_items: nearest k-means clusters (tree) or random leaf clusters (a baseline)")
     args, rest = parser.parse_known_args(argv)
     overrides = {}
     for arg in rest:
@@ -209,6 +214,20 @@ def print_recommendations(args, overrides: Mapping[str, str]) -> None:
         print("| rank | item | score | title |\n|---|---|---|---|")
         for rank, (item, value, title) in enumerate(zip(rec.items, rec.scores, rec.titles), 1):
             print(f"| {rank} | {item} | {value:.4f} | {title} |")
+
+
+def print_added_items(args, overrides: Mapping[str, str]) -> None:
+    from recbole_prorec.cold_start import add_items
+
+    if not overrides.get("load_checkpoint"):
+        raise ValueError("--add_items needs --load_checkpoint=FILE (a trained PRORec checkpoint)")
+    result = add_items(overrides["load_checkpoint"], args.add_items, args.placement)
+    print(f"\n{len(result.items)} new items placed ({args.placement}; text -> integrated map R^2 {result.map_r2:.3f})")
+    print("| item | code |\n|---|---|")
+    for item, code in zip(result.items, result.codes):
+        print(f"| {item} | {' '.join(map(str, code))} |")
+    print(f"\nStage-I artifact with the new items: {result.artifact}\ncheckpoint: {result.checkpoint}\n"
+          f"recommend with: python run_recbole_prorec.py --recommend --load_checkpoint={result.checkpoint} --user=ID")
 
 
 def main(argv: Sequence[str] | None = None) -> list[RunResult]:
@@ -251,6 +270,9 @@ def _main(argv: Sequence[str] | None) -> list[RunResult]:
         overrides.update(torchrun)
     if args.recommend:
         print_recommendations(args, overrides)
+        return []
+    if args.add_items:
+        print_added_items(args, overrides)
         return []
     files = [f for f in args.config_files.split(",") if f]
     labels = [m.strip() for m in args.model.split(",") if m.strip()]

@@ -122,3 +122,20 @@ def test_recommend_names_unknown_users_and_items(trained_prorec):
         recommend(trained_prorec, history=[["no-such-item"]])
     with pytest.raises(ValueError, match="either user_ids or history"):
         recommend(trained_prorec)
+
+
+def test_recommend_scores_many_users_in_batches_as_one_by_one(trained_prorec):
+    """More users than eval_batch_size (32 here) are scored in chunks: the same lists as alone."""
+    from recbole_prorec import load_data_and_model
+    from recbole_prorec.recommend import recommend
+
+    _, _, dataset, *_ = load_data_and_model(trained_prorec)
+    users = list(dataset.field2id_token[dataset.uid_field][1:41])
+    together = recommend(trained_prorec, user_ids=users, k=5)
+    assert [r.user for r in together] == users
+    for row in (0, 31, 32, 39):
+        (alone,) = recommend(trained_prorec, user_ids=[users[row]], k=5)
+        assert alone.items == together[row].items
+        assert alone.scores == pytest.approx(together[row].scores, abs=1e-5)
+    with pytest.raises(ValueError, match="no user ids or histories given"):
+        recommend(trained_prorec, user_ids=[])
