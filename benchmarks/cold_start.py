@@ -3,8 +3,10 @@
 A share (``--holdout``, 5 %) of the dataset's items is drawn at random and removed: their rows of
 the ``.item`` file and every interaction with them. Both stages train on what is left (RecBole's
 filters of the dataset YAML apply, so users left with too few interactions drop out). Then the
-held-out items are added to the trained model from their text with ``cold_start.add_items``, once
-placed in Stage I's k-means tree and once in random leaf clusters (the baseline), and scored:
+held-out items are added to the trained model from their text with ``cold_start.add_items``: placed
+in Stage I's k-means tree with per-item weights predicted from their integrated embeddings (the
+method), with the warm items' mean weights instead, and in random leaf clusters (the baselines);
+each is scored:
 
 * **cold-target users**: users whose last interaction was a held-out item; their history is their
   earlier interactions without held-out items. Recall@10/20 and NDCG@20 of that item in the
@@ -117,18 +119,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
             overrides["train_time_budget"] = args.budget
         trained = run("PRORec", args.dataset, files, overrides)
         rows, out = [], {"trained": {"test": trained.test, "epochs": trained.epochs_run}}
-        for placement in ("tree", "random"):
-            added = add_items(trained.checkpoint, new_file, placement, args.seed)
-            out[placement] = {**scores(added.checkpoint, cold_users, new_items), "map R^2": added.map_r2}
-            rows.append([placement, *(f"{v:.4f}" if isinstance(v, float) else v for v in out[placement].values())])
+        for placement, weights in (("tree", "ridge"), ("tree", "mean"), ("random", "ridge")):
+            added = add_items(trained.checkpoint, new_file, placement, args.seed, weights)
+            key = f"{placement}, {weights}"
+            out[key] = {**scores(added.checkpoint, cold_users, new_items), "map R^2": added.map_r2}
+            rows.append([placement, weights, *(f"{v:.4f}" if isinstance(v, float) else v for v in out[key].values())])
         report.add(
             f"{len(new_items)} held-out items ({args.holdout:.0%}, seed {args.seed}); PRORec trained without them "
             f"({trained.epochs_run} epochs, Stage II budget {args.budget:.0f} s; its test Recall@20 on the "
             f"remaining data {trained.test.get('recall@20', float('nan')):.4f}), then given them by placement. "
-            f"Top {K} of the beam search, nothing excluded. Both placements give each new item the "
-            f"token embedding and bias predicted from its text (item tokens): the rows compare the tree with "
-            f"random clusters, not text with no text. {len(cold_users)} users' last item was held out.\n\n"
-            + markdown_table(["placement", *out["tree"].keys()], rows))
+            f"Top {K} of the beam search, nothing excluded. Placement: Stage I's k-means tree or random leaf "
+            f"clusters; item weights (each new item's own token embedding and bias): predicted from its "
+            f"integrated embedding (ridge, fitted on the warm items) or the warm items' mean. "
+            f"{len(cold_users)} users' last item was held out.\n\n"
+            + markdown_table(["placement", "item weights", *out["tree, ridge"].keys()], rows))
         report.save(args.out)
         return out
     finally:

@@ -49,6 +49,7 @@ from recbole_prorec.semantic import read_item_table
 from recbole_prorec.trainer import load_checkpoint
 
 PLACEMENTS = ("tree", "random")
+ITEM_WEIGHTS = ("ridge", "mean")
 RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0)  # chosen per fit by RidgeCV's leave-one-out error
 GROWN_SETTINGS = {"item_inter_num_interval": "[0,inf)"}  # new items have no interactions: keep them
 
@@ -141,11 +142,16 @@ def read_new_items(item_file: Path, id_field: str, known: set[str]) -> list[str]
     return tokens
 
 
-def add_items(model_file: str | Path, item_file: str | Path, placement: str = "tree", seed: int = 0) -> ColdStart:
+def add_items(model_file: str | Path, item_file: str | Path, placement: str = "tree", seed: int = 0,
+              item_weights: str = "ridge") -> ColdStart:
     """Make the items of ``item_file`` (``.item`` rows, text only) recommendable by the PRORec of
-    ``model_file``; returns where the grown checkpoint and artifact are and the items' codes."""
+    ``model_file``; returns where the grown checkpoint and artifact are and the items' codes.
+    ``placement`` and ``item_weights`` choose how codes and per-item weights are found (``tree``
+    and ``ridge``; ``random`` and ``mean`` are the baselines they are measured against)."""
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    if item_weights not in ITEM_WEIGHTS:
+        raise ValueError(f"item_weights must be one of {ITEM_WEIGHTS}, got {item_weights!r}")
     config, model, dataset, *_ = load_data_and_model(model_file)
     if not getattr(model, "needs_stage1", False):
         raise ValueError(f"{model_file} holds a {config['model']}: only models of Stage-I codes (PRORec) take new items")
@@ -161,9 +167,10 @@ def add_items(model_file: str | Path, item_file: str | Path, placement: str = "t
     new_emb = text_map.predict(semantic_embeddings(config, item_file, new)).astype(np.float32)
     warm_codes = [tuple(int(c) for c in row if c >= 0) for row in model.codes[1:].cpu().tolist()]
     codes = place(CodeTree(warm_codes, warm_emb, model.K), new_emb, placement, seed, item_file)
-    record = {"items": len(new), "item_file": str(item_file), "placement": placement, "seed": seed, "map_r2": r2}
+    record = {"items": len(new), "item_file": str(item_file), "placement": placement, "seed": seed, "map_r2": r2,
+              "item_weights": item_weights}
     artifact = write_grown_artifact(folder, dataset, item_file, new, codes, new_emb, record)
-    checkpoint = grow_checkpoint(Path(model_file), model, dataset, artifact, warm_emb, new, new_emb)
+    checkpoint = grow_checkpoint(Path(model_file), model, dataset, artifact, warm_emb, new, new_emb, item_weights)
     return ColdStart(checkpoint, artifact, new, codes, r2)
 
 
@@ -260,18 +267,23 @@ def _atomic_lines(path: Path) -> list[str]:
 
 
 def grow_checkpoint(model_file: Path, model, dataset, artifact: Path, warm_emb: np.ndarray,
-                    new: list[str], new_emb: np.ndarray) -> Path:
+                    new: list[str], new_emb: np.ndarray, item_weights: str = "ridge") -> Path:
     """A checkpoint of ``model`` on the grown ``artifact``: every weight as trained and, in item
-    mode, each new item's own weights (free token embedding, score bias) as a ridge regression
-    fitted on the warm items predicts them from its integrated embedding."""
+    mode, each new item's own weights (free token embedding, score bias): ``ridge`` predicts them
+    from its integrated embedding with a ridge regression fitted on the warm items, ``mean`` gives
+    every new item the warm items' mean (the baseline that uses nothing of the item)."""
     spec, config = checkpoint_config(model_file, data_folder=artifact.parent, extra=GROWN_SETTINGS)
     grown = load_data(spec, config).dataset
     state = dict(model.state_dict())
     if model.item_level:
         H, offset = model.hidden, model.item_offset
         own = torch.cat([state["token_embedding.weight"][offset:], state["item_bias"][:, None]], dim=1).cpu()
-        fit, _ = ridge(warm_emb, own[1:].numpy())  # row i + 1 of ``own`` is warm item i
-        own = torch.cat([own, torch.from_numpy(fit.predict(new_emb)).float()])
+        if item_weights == "ridge":
+            fit, _ = ridge(warm_emb, own[1:].numpy())  # row i + 1 of ``own`` is warm item i
+            predicted = torch.from_numpy(fit.predict(new_emb)).float()
+        else:
+            predicted = own[1:].mean(0).expand(len(new), -1)
+        own = torch.cat([own, predicted])
         old_id, new_pos = dataset.field2token_id[dataset.iid_field], {t: i for i, t in enumerate(new)}
         order = [old_id[t] if t in old_id else len(old_id) + new_pos[t] for t in grown.field2id_token[grown.iid_field]]
         own = own[order]
@@ -280,6 +292,6 @@ def grow_checkpoint(model_file: Path, model, dataset, artifact: Path, warm_emb: 
     saved = load_checkpoint(str(model_file))
     saved.update(config=plain_config(config), state_dict=state)
     saved.pop("optimizer", None)  # a checkpoint to recommend with, not to go on training
-    target = model_file.with_name(f"{model_file.stem}-{artifact.parent.name.rsplit('-', 1)[-1]}.pth")
+    target = model_file.with_name(f"{model_file.stem}-{artifact.parent.name.rsplit('-', 1)[-1]}-{item_weights}.pth")
     torch.save(saved, target)
     return target

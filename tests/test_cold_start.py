@@ -158,3 +158,20 @@ def test_ids_recbole_would_drop_and_unparsable_floats_are_refused(trained, tmp_p
     bad.write_text("item_id:token\ttitle:token_seq\tprice:float\nn9\tx\tcheap\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad.item: item n9's price 'cheap' is not a number \(price:float\)"):
         new_item_rows(bad, header, ["n9"], [(1, 2)], "item_id")
+
+
+def test_mean_item_weights_give_every_new_item_the_warm_mean(trained, grown, tmp_path):
+    from recbole_prorec import load_data_and_model
+
+    _, new_file = grown
+    result = add_items(trained, new_file, item_weights="mean")
+    assert result.checkpoint.name.endswith("-mean.pth") and result.checkpoint != grown[0].checkpoint
+    _, old, old_data, *_ = load_data_and_model(trained)
+    _, model, data, *_ = load_data_and_model(result.checkpoint)
+    fresh = torch.tensor([data.field2token_id["item_id"][t] for t in result.items])
+    warm_bias = old.item_bias[1:].mean()
+    assert torch.allclose(model.item_bias[fresh], warm_bias.expand(3))
+    free = model.token_embedding.weight[model.item_offset + fresh]
+    assert torch.allclose(free, old.token_embedding.weight[old.item_offset + 1:].mean(0).expand(3, -1), atol=1e-6)
+    with pytest.raises(ValueError, match="item_weights must be one of"):
+        add_items(trained, new_file, item_weights="zero")
