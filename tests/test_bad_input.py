@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from conftest import DATASET, base_overrides, write_tiny_dataset
-from recbole_prorec.runner import main, run
+from recbole_prorec.cli import main
+from recbole_prorec.runner import run
 
 
 def lines_of(path: Path) -> list[str]:

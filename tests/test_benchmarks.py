@@ -215,3 +215,33 @@ def test_balance_shares_favour_the_space_the_final_embeddings_copy():
     assert near_semantic["semantic share"] > 0.9
     near_collab = paper.shares(collab, semantic, collab, anchors, 0.1)
     assert near_collab["KL to collaborative"] == pytest.approx(0.0, abs=1e-9) and near_collab["collaborative share"] > 0.99
+
+
+def _check_rows(rows: list[dict], names: list[str]) -> None:
+    assert [r["row"] for r in rows] == names
+    for r in rows:
+        assert all(0 <= r[m] <= 1 for m in ("recall@10", "recall@20", "ndcg@10", "ndcg@20")), r
+        assert r["recall@10"] <= r["recall@20"] and r["ndcg@10"] <= r["ndcg@20"] and r["epochs"] >= 1
+
+
+def test_paper_ablation_quick_trains_the_five_rows_of_tables_5_and_6(tmp_path):
+    paper = load("paper")
+    result = paper.main(["ablation", "--quick", "--device", "cpu", "--out-dir", str(tmp_path)])
+    _check_rows(result["rows"], [name for name, _ in paper.ABLATION])
+    assert [r["model"] for r in result["rows"]] == [v for _, v in paper.ABLATION]
+    text = result["md"].read_text()
+    assert result["md"].name == "ablation_ml-100k_quick.md" and "| CKA + IKD (PRORec) | PRORec |" in text
+    assert "paper recall@10" not in text  # the paper's numbers are Beauty's only
+
+
+def test_paper_layers_quick_draws_ndcg_against_depth(tmp_path):
+    result = load("paper").main(["layers", "--quick", "--device", "cpu", "--out-dir", str(tmp_path), "--depths", "1,2"])
+    _check_rows(result["rows"], ["PRORec, 1 layers", "SASRec-CE, 1 layers", "PRORec, 2 layers", "SASRec-CE, 2 layers"])
+    assert result["png"].stat().st_size > 10_000 and "layers_ml-100k_quick.png" in result["md"].read_text()
+
+
+def test_paper_sweep_quick_changes_one_setting_per_row(tmp_path):
+    result = load("paper").main(["sweep", "--quick", "--device", "cpu", "--out-dir", str(tmp_path),
+                                 "--sizes", "64,256", "--quantizers", "random,hkmeans"])
+    _check_rows(result["rows"], ["K=64", "K=256", "quantizer random"])
+    assert result["png"].stat().st_size > 10_000

@@ -120,7 +120,7 @@ def test_bad_new_items_are_named(trained, tmp_path):
 
 
 def test_command_line_adds_items_and_says_how_to_recommend(trained, tmp_path, capsys):
-    from recbole_prorec.runner import main
+    from recbole_prorec.cli import main
 
     new_file = write_new_items(tmp_path / "new.item", NEW_ITEMS[:1])
     main(["--add_items", str(new_file), "--placement", "random", f"--load_checkpoint={trained}"])

@@ -6,7 +6,7 @@ import pytest
 from recbole_prorec.config import ProjectConfig, check_types
 from recbole_prorec.registry import resolve_model
 from recbole_prorec.data import DatasetNotFoundError, check_columns, find_dataset
-from recbole_prorec.runner import parse_args
+from recbole_prorec.cli import parse_args
 
 
 def test_variant_resolves_to_model_and_overrides():

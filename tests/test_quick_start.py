@@ -98,7 +98,7 @@ def test_recommend_equals_the_evaluators_beam_search(trained_prorec):
 def test_recommend_for_users_reads_their_whole_history(trained_prorec, capsys):
     from recbole_prorec import load_data_and_model
     from recbole_prorec.recommend import recommend
-    from recbole_prorec.runner import main
+    from recbole_prorec.cli import main
 
     _, _, dataset, _, _, test = load_data_and_model(trained_prorec)
     user = dataset.id2token(dataset.uid_field, [1])[0]

@@ -9,7 +9,8 @@ import torch
 import yaml
 
 from conftest import signal_during
-from recbole_prorec.runner import main, run
+from recbole_prorec.cli import main
+from recbole_prorec.runner import run
 from recbole_prorec.trainer import RESUME_SUFFIX, RunInterrupted, load_checkpoint
 
 EPOCHS = 3

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from recbole_prorec.runner import main, results_table
+from recbole_prorec.cli import main
+from recbole_prorec.runner import results_table
 from recbole_prorec.trainer import load_checkpoint
 
 SMALL_SASREC = [
@@ -181,7 +182,7 @@ def test_command_line_silences_recboles_future_warnings_and_says_where_outputs_a
 
     import yaml
 
-    from recbole_prorec.runner import _main
+    from recbole_prorec.cli import _main
 
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(yaml.safe_dump(tiny_overrides(checkpoint_dir=str(tmp_path / "saved"))), encoding="utf-8")
