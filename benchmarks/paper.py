@@ -3,6 +3,9 @@ paper has a figure, a PNG into ``docs/analysis/`` with the command, seed, hardwa
 
     python benchmarks/paper.py balance --dataset Amazon_Beauty     # Table 4 and Figure 5 (Stage I only)
     python benchmarks/paper.py balance --quick                     # ml-100k, tiny settings, < 3 min
+    python benchmarks/paper.py ablation --dataset Amazon_Beauty --budget 900   # Tables 5 and 6
+    python benchmarks/paper.py layers --dataset Amazon_Beauty --budget 900     # Figure 6
+    python benchmarks/paper.py sweep --dataset Amazon_Beauty --budget 900      # Figure 9
 
 ``balance`` (Table 4, Figure 5): how much of the semantic and of the collaborative space the final
 item embeddings keep, for concatenation and for PRORec. It trains (or reuses) two Stage-I DINs,
@@ -133,7 +136,132 @@ def balance(args, files: Sequence[str], overrides: dict) -> dict:
     return {"rows": rows, "png": png}
 
 
-ANALYSES = {"balance": balance}
+METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")
+# The paper's Beauty numbers (Recall@10, Recall@20, NDCG@10, NDCG@20): Table 5 (modalities) and
+# Table 6 (\ = concat, CKA, CKA + IKD); Figures 6 and 9 give no numbers in the text.
+PAPER_BEAUTY = {
+    "Semantic Only": (0.0810, 0.1102, 0.0498, 0.0571),
+    "Collaborative Only": (0.0803, 0.1095, 0.0495, 0.0569),
+    "Concat": (0.0807, 0.1085, 0.0504, 0.0574),
+    "CKA": (0.0827, 0.1122, 0.0509, 0.0583),
+    "CKA + IKD (PRORec)": (0.0939, 0.1289, 0.0559, 0.0646),
+}
+ABLATION = (("Semantic Only", "PRORec-semantic"), ("Collaborative Only", "PRORec-collab"),
+            ("Concat", "PRORec-concat"), ("CKA", "PRORec-CKA"), ("CKA + IKD (PRORec)", "PRORec"))
+
+
+def train_rows(args, files: Sequence[str], overrides: dict, rows: Sequence[tuple[str, str, dict]]) -> list[dict]:
+    """Train and test each (row name, model or variant, settings) through the runner, every row at
+    the same budget (``--budget`` seconds of Stage II; quick mode: its own tiny one); the test split
+    is read once per row. A setting the model was not built with (a misspelt key only warns) stops
+    the analysis rather than giving a row of the defaults under a wrong name."""
+    import torch
+
+    from recbole_prorec.runner import run
+
+    budget = {} if args.quick else {"train_time_budget": args.budget}
+    out = []
+    for name, label, settings in rows:
+        result = run(label, args.dataset, files, {"seed": args.seed, **budget, **overrides, **settings})
+        saved = torch.load(result.checkpoint, weights_only=True, mmap=True)["config"]  # what the model was built with
+        if any(saved.get(k) != v for k, v in settings.items()):
+            raise RuntimeError(f"row {name!r}: settings {settings} did not reach {label} "
+                               f"(its checkpoint has {({k: saved.get(k) for k in settings})})")
+        out.append({"row": name, "model": label, **{m: result.test.get(m, float("nan")) for m in METRICS},
+                    "epochs": result.epochs_run, "best epoch": result.best_epoch, "train s": result.train_time,
+                    "artifact": result.data_folder, "settings": {k: saved.get(k) for k in settings}})
+    return out
+
+
+def rows_table(rows: list[dict], paper: dict | None = None) -> str:
+    header = ["row", "model", *METRICS, "epochs", "best epoch", "train s"]
+    table = [[r["row"], r["model"], *(f"{r[m]:.4f}" for m in METRICS), r["epochs"], r["best epoch"], f"{r['train s']:.0f}"]
+             for r in rows]
+    if paper:
+        header += [f"paper {m}" for m in METRICS]
+        table = [t + [f"{v:.4f}" for v in paper.get(r["row"], ())] + [""] * (4 - len(paper.get(r["row"], ())))
+                 for t, r in zip(table, rows)]
+    return markdown_table(header, table)
+
+
+def write_analysis(args, name: str, title: str, text: str) -> Path:
+    """``docs/analysis/<name>_<dataset>[_quick].md`` (a smoke run never replaces a real one)."""
+    stem = f"{name}_{args.dataset}" + ("_quick" if args.quick else "")
+    report = Report(title, ["benchmarks/paper.py", *args.argv])
+    budget = "quick mode's tiny budget" if args.quick else f"{args.budget:.0f} s of Stage II training per row"
+    report.add(f"{date.today()}, seed {args.seed}, {budget}; test split read once per row; `train s` is Stage II "
+               f"training (PRORec's Stage I, run once per distinct Stage-I setting, is not counted).\n\n{text}")
+    out = Path(args.out_dir) / f"{stem}.md"
+    report.save(str(out))
+    return out
+
+
+def ablation(args, files: Sequence[str], overrides: dict) -> dict:
+    """Tables 5 and 6: single modalities, concatenation, CKA, CKA + IKD, at one budget each."""
+    rows = train_rows(args, files, overrides, [(name, variant, {}) for name, variant in ABLATION])
+    paper = PAPER_BEAUTY if args.dataset == "Amazon_Beauty" else None
+    md = write_analysis(args, "ablation", f"Ablation on {args.dataset} (paper Tables 5 and 6)",
+                        rows_table(rows, paper) + ("\n\nPaper columns: Tables 5 and 6 (Beauty)." if paper else "")
+                        + "\n\nEvery row keeps this package's Stage II defaults (item tokens with integrated "
+                        "embeddings among them), which the paper's model does not have.")
+    return {"rows": rows, "md": md}
+
+
+def line_figure(out: Path, x: Sequence, series: dict[str, Sequence[float]], xlabel: str, ylabel: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, ys in series.items():
+        ax.plot(list(map(str, x)), ys, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def layers(args, files: Sequence[str], overrides: dict) -> dict:
+    """Figure 6: decoder depth against NDCG@20, PRORec beside an ID-only transformer of the same
+    depth (SASRec-CE stands in for HSTU, which RecBole 1.2.1 lacks)."""
+    depths = [int(d) for d in args.depths.split(",")]
+    rows = train_rows(args, files, overrides, [(f"{label}, {d} layers", label, {key: d}) for d in depths
+                                               for label, key in (("PRORec", "n_decoder_layers"), ("SASRec-CE", "n_layers"))])
+    png = Path(args.out_dir) / (f"layers_{args.dataset}" + ("_quick" if args.quick else "") + ".png")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    line_figure(png, depths, {label: [r["ndcg@20"] for r in rows if r["model"] == label] for label in ("PRORec", "SASRec-CE")},
+                "layers (PRORec: decoder; SASRec-CE: transformer)", "test NDCG@20")
+    md = write_analysis(args, "layers", f"Layer scaling on {args.dataset} (paper Figure 6)",
+                        rows_table(rows) + f"\n\nFigure: `{png.name}` (test NDCG@20 against depth).")
+    return {"rows": rows, "md": md, "png": png}
+
+
+def sweep(args, files: Sequence[str], overrides: dict) -> dict:
+    """Figure 9: codebook size K, quantizer and text encoder, one setting changed at a time from
+    PRORec's defaults (K=256, hkmeans, the bundled MiniLM)."""
+    from recbole_prorec.semantic import POOLINGS
+
+    settings = [(f"K={k}", {"codebook_size": k}) for k in (int(k) for k in args.sizes.split(","))]
+    settings += [(f"quantizer {q}", {"quantizer": q}) for q in args.quantizers.split(",") if q != "hkmeans"]
+    for spec in filter(None, args.encoders.split(",")):
+        encoder, _, pooling = spec.rpartition(":") if spec.rpartition(":")[2] in POOLINGS else (spec, "", "")
+        key = "semantic_embedding_file" if encoder.endswith(".npy") else "semantic_encoder"
+        settings.append((f"encoder {Path(encoder).name}", {key: encoder, **({"semantic_pooling": pooling} if pooling else {})}))
+    rows = train_rows(args, files, overrides, [(name, "PRORec", s) for name, s in settings])
+    png = Path(args.out_dir) / (f"sweep_{args.dataset}" + ("_quick" if args.quick else "") + ".png")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    line_figure(png, [r["row"] for r in rows], {m: [r[m] for r in rows] for m in ("recall@20", "ndcg@20")},
+                "setting (one change from the defaults each)", "test metric")
+    md = write_analysis(args, "sweep", f"Codebook size, quantizer and text encoder on {args.dataset} (paper Figure 9)",
+                        rows_table(rows) + f"\n\nFigure: `{png.name}`. Each row changes one setting of the run's "
+                        "defaults (PRORec's: K=256, hkmeans, the bundled all-MiniLM-L6-v2 with mean pooling).")
+    return {"rows": rows, "md": md, "png": png}
+
+
+ANALYSES = {"balance": balance, "ablation": ablation, "layers": layers, "sweep": sweep}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -146,6 +274,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--tau", type=float, default=0.1, help="balance: softmax temperature of the neighbourhoods")
     parser.add_argument("--tsne-items", type=int, default=3000, help="balance: items drawn in each t-SNE panel")
     parser.add_argument("--clusters", type=int, default=8, help="balance: k-means clusters that colour the points")
+    parser.add_argument("--budget", type=float, default=900, help="ablation/layers/sweep: Stage II seconds per row")
+    parser.add_argument("--depths", default="1,2,4,8", help="layers: depths to train")
+    parser.add_argument("--sizes", default="128,256,512", help="sweep: codebook sizes K")
+    parser.add_argument("--quantizers", default="random,rqvae,hkmeans", help="sweep: quantizers (hkmeans is the K=256 row)")
+    parser.add_argument("--encoders", default="", help="sweep: extra text encoders (HF paths, NAME:last for "
+                        "last-token pooling) or .npy embedding files, comma-separated")
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
