@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     ["benchmarks/cold_start.py", *(argv if argv is not None else sys.argv[1:])])
     try:
         config = ProjectConfig(resolve_model("PRORec"), args.dataset, files, overrides)
-        new_file, cold_users, new_items = hold_out(Path(config["data_path"]) / args.dataset, args.dataset, config,
+        new_file, cold_users, new_items = hold_out(Path(config["data_path"]), args.dataset, config,
                                         args.holdout, args.seed, work / "data")
         overrides = {**overrides, "data_path": str(work / "data"), "seed": args.seed,
                      "checkpoint_dir": str(work / "saved"), "unicode_dir": str(work / "unicode")}
@@ -126,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             rows.append([placement, weights, *(f"{v:.4f}" if isinstance(v, float) else v for v in out[key].values())])
         report.add(
             f"{len(new_items)} held-out items ({args.holdout:.0%}, seed {args.seed}); PRORec trained without them "
-            f"({trained.epochs_run} epochs, Stage II budget {args.budget:.0f} s; its test Recall@20 on the "
+            f"({trained.epochs_run} epochs, {'quick mode' if args.quick else f'Stage II budget {args.budget:.0f} s'}; "
+            f"its test Recall@20 on the "
             f"remaining data {trained.test.get('recall@20', float('nan')):.4f}), then given them by placement. "
             f"Top {K} of the beam search, nothing excluded. Placement: Stage I's k-means tree or random leaf "
             f"clusters; item weights (each new item's own token embedding and bias): predicted from its "

@@ -250,3 +250,16 @@ def test_paper_sweep_quick_changes_one_setting_per_row(tmp_path):
     _check_rows(result["rows"], ["K=64", "K=256", "quantizer random"])
     assert len({r["artifact"] for r in result["rows"]}) == 3  # one Stage I per setting
     assert result["png"].stat().st_size > 10_000
+
+
+def test_cold_start_quick_holds_items_out_and_adds_them_back(tmp_path):
+    out = tmp_path / "cold.md"
+    result = load("cold_start").main(["--quick", "--device", "cpu", "--out", str(out)])
+    rows = {k: v for k, v in result.items() if k != "trained"}
+    assert list(rows) == ["tree, ridge", "tree, mean", "random, ridge"]
+    for row in rows.values():
+        assert row["cold-target users"] > 0 and 0 < row["map R^2"] <= 1
+        assert 0 <= row["Recall@10"] <= row["Recall@20"] <= 1 and 0 <= row["new items shown"] <= 1
+        assert row["lists with a new item"] <= row["new items per list"]  # a list with one holds at least one
+    text = out.read_text()
+    assert "| tree | ridge |" in text and "held-out items (5%, seed 2020)" in text and "quick mode" in text
