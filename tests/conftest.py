@@ -211,3 +211,15 @@ def signal_during(monkeypatch, epoch: int, batch: int, sig: int = signal.SIGTERM
             self.model.__dict__.pop("calculate_loss", None)
 
     monkeypatch.setattr(SafeTrainer, "_train_epoch", train_epoch)
+
+
+@pytest.fixture(scope="session")
+def trained_prorec(tiny_overrides, tmp_path_factory) -> Path:
+    """A PRORec checkpoint trained on the tiny set through the public API, shared by the tests of
+    recommending and of adding items (they only read it and write beside it)."""
+    from recbole_prorec import run
+
+    saved = tmp_path_factory.mktemp("rec")
+    run("PRORec", DATASET, config_dict=tiny_overrides(checkpoint_dir=str(saved)))
+    (checkpoint,) = saved.glob("PRORec-*.pth")
+    return checkpoint

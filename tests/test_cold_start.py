@@ -40,27 +40,17 @@ def write_new_items(path, rows=NEW_ITEMS):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_overrides, tmp_path_factory):
-    from recbole_prorec import run
-
-    saved = tmp_path_factory.mktemp("cold")
-    run("PRORec", DATASET, config_dict=tiny_overrides(checkpoint_dir=str(saved)))
-    (checkpoint,) = saved.glob("PRORec-*.pth")
-    return checkpoint
-
-
-@pytest.fixture(scope="module")
-def grown(trained, tmp_path_factory):
+def grown(trained_prorec, tmp_path_factory):
     new_file = write_new_items(tmp_path_factory.mktemp("new") / "new.item")
-    return add_items(trained, new_file), new_file
+    return add_items(trained_prorec, new_file), new_file
 
 
-def test_new_items_get_unique_codes_in_the_nearest_clusters(trained, grown):
+def test_new_items_get_unique_codes_in_the_nearest_clusters(trained_prorec, grown):
     from recbole_prorec import load_data_and_model
     from recbole_prorec.cold_start import _artifact_embeddings
 
     result, _ = grown
-    config, model, dataset, *_ = load_data_and_model(trained)
+    config, model, dataset, *_ = load_data_and_model(trained_prorec)
     warm = [tuple(int(c) for c in row if c >= 0) for row in model.codes[1:].tolist()]
     assert result.items == ["n1", "n2", "n3"] and len(set(result.codes)) == 3
     assert not set(result.codes) & set(warm)
@@ -77,12 +67,12 @@ def test_new_items_get_unique_codes_in_the_nearest_clusters(trained, grown):
     assert 0.0 < result.map_r2 <= 1.0
 
 
-def test_grown_checkpoint_keeps_every_trained_weight_and_recommends_new_items(trained, grown):
+def test_grown_checkpoint_keeps_every_trained_weight_and_recommends_new_items(trained_prorec, grown):
     from recbole_prorec import load_data_and_model
     from recbole_prorec.recommend import recommend, score
 
     result, _ = grown
-    _, old, old_data, *_ = load_data_and_model(trained)
+    _, old, old_data, *_ = load_data_and_model(trained_prorec)
     config, new, new_data, *_ = load_data_and_model(result.checkpoint)
     assert new.n_items == old.n_items + 3
     old_id, new_id = old_data.field2token_id["item_id"], new_data.field2token_id["item_id"]
@@ -108,22 +98,22 @@ def test_grown_checkpoint_keeps_every_trained_weight_and_recommends_new_items(tr
             assert titles[item] == title
 
 
-def test_bad_new_items_are_named(trained, tmp_path):
+def test_bad_new_items_are_named(trained_prorec, tmp_path):
     with pytest.raises(ValueError, match=r"new.item: items \['i01'\] are already in the model's dataset"):
-        add_items(trained, write_new_items(tmp_path / "new.item", [("i01", "x", "y", "z")]))
+        add_items(trained_prorec, write_new_items(tmp_path / "new.item", [("i01", "x", "y", "z")]))
     with pytest.raises(ValueError, match=r"dup.item: item ids \['n1'\] appear more than once"):
-        add_items(trained, write_new_items(tmp_path / "dup.item", [NEW_ITEMS[0], NEW_ITEMS[0]]))
+        add_items(trained_prorec, write_new_items(tmp_path / "dup.item", [NEW_ITEMS[0], NEW_ITEMS[0]]))
     with pytest.raises(FileNotFoundError, match="missing.item does not exist"):
-        add_items(trained, tmp_path / "missing.item")
+        add_items(trained_prorec, tmp_path / "missing.item")
     with pytest.raises(ValueError, match="placement must be one of"):
-        add_items(trained, tmp_path / "new.item", placement="nearest")
+        add_items(trained_prorec, tmp_path / "new.item", placement="nearest")
 
 
-def test_command_line_adds_items_and_says_how_to_recommend(trained, tmp_path, capsys):
+def test_command_line_adds_items_and_says_how_to_recommend(trained_prorec, tmp_path, capsys):
     from recbole_prorec.cli import main
 
     new_file = write_new_items(tmp_path / "new.item", NEW_ITEMS[:1])
-    main(["--add_items", str(new_file), "--placement", "random", f"--load_checkpoint={trained}"])
+    main(["--add_items", str(new_file), "--placement", "random", f"--load_checkpoint={trained_prorec}"])
     out = capsys.readouterr().out
     assert "1 new items placed (random" in out and "| n1 | " in out
     checkpoint = out.split("checkpoint: ")[1].split("\n")[0]
@@ -142,9 +132,9 @@ def test_a_full_leaf_beside_a_cluster_sends_the_item_into_the_cluster():
     assert tree.place_nearest(np.zeros(1)) in {(1, 0), (1, 1)}  # then the clusters below
 
 
-def test_ids_recbole_would_drop_and_unparsable_floats_are_refused(trained, tmp_path):
+def test_ids_recbole_would_drop_and_unparsable_floats_are_refused(trained_prorec, tmp_path):
     with pytest.raises(ValueError, match=r"item ids \['NA'\] would be read by RecBole as missing"):
-        add_items(trained, write_new_items(tmp_path / "na.item", [("NA", "x", "y", "z")]))
+        add_items(trained_prorec, write_new_items(tmp_path / "na.item", [("NA", "x", "y", "z")]))
     from recbole_prorec.cold_start import new_item_rows
 
     new = tmp_path / "n.item"  # a quoted title with quotes and a run of spaces inside
@@ -160,13 +150,13 @@ def test_ids_recbole_would_drop_and_unparsable_floats_are_refused(trained, tmp_p
         new_item_rows(bad, header, ["n9"], [(1, 2)], "item_id")
 
 
-def test_mean_item_weights_give_every_new_item_the_warm_mean(trained, grown, tmp_path):
+def test_mean_item_weights_give_every_new_item_the_warm_mean(trained_prorec, grown, tmp_path):
     from recbole_prorec import load_data_and_model
 
     _, new_file = grown
-    result = add_items(trained, new_file, item_weights="mean")
+    result = add_items(trained_prorec, new_file, item_weights="mean")
     assert result.checkpoint.name.endswith("-mean.pth") and result.checkpoint != grown[0].checkpoint
-    _, old, old_data, *_ = load_data_and_model(trained)
+    _, old, old_data, *_ = load_data_and_model(trained_prorec)
     _, model, data, *_ = load_data_and_model(result.checkpoint)
     fresh = torch.tensor([data.field2token_id["item_id"][t] for t in result.items])
     warm_bias = old.item_bias[1:].mean()
@@ -174,4 +164,4 @@ def test_mean_item_weights_give_every_new_item_the_warm_mean(trained, grown, tmp
     free = model.token_embedding.weight[model.item_offset + fresh]
     assert torch.allclose(free, old.token_embedding.weight[old.item_offset + 1:].mean(0).expand(3, -1), atol=1e-6)
     with pytest.raises(ValueError, match="item_weights must be one of"):
-        add_items(trained, new_file, item_weights="zero")
+        add_items(trained_prorec, new_file, item_weights="zero")

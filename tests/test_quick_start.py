@@ -68,16 +68,6 @@ def test_load_data_and_model_names_a_missing_stage1_artifact(tiny_overrides, tmp
         load_data_and_model(moved)
 
 
-@pytest.fixture(scope="module")
-def trained_prorec(tiny_overrides, tmp_path_factory):
-    from recbole_prorec import run
-
-    saved = tmp_path_factory.mktemp("rec")
-    run("PRORec", DATASET, config_dict=tiny_overrides(checkpoint_dir=str(saved)))
-    (checkpoint,) = saved.glob("PRORec-*.pth")
-    return checkpoint
-
-
 def test_recommend_equals_the_evaluators_beam_search(trained_prorec):
     from recbole_prorec import load_data_and_model
     from recbole_prorec.recommend import recommend
