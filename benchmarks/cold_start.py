@@ -66,16 +66,16 @@ def hold_out(source: Path, name: str, config, share: float, seed: int, target: P
 def scores(checkpoint: Path, cold_users: dict, new_items: set[str]) -> dict:
     """Cold-target recall/NDCG and the new items' exposure, from ``recommend``'s top K."""
     from recbole_prorec import load_data_and_model
-    from recbole_prorec.recommend import recommend
+    from recbole_prorec.recommend import recommend_loaded
 
-    _, _, dataset, *_ = load_data_and_model(checkpoint)
+    config, model, dataset, *_ = load_data_and_model(checkpoint)
     known = dataset.field2token_id[dataset.iid_field]
     # RecBole's filters may have dropped some history items along with the held-out ones
     users = {u: ([i for i in h if i in known], t) for u, (h, t) in cold_users.items()}
     users = {u: (h, t) for u, (h, t) in users.items() if h}
-    recs = recommend(checkpoint, history=[h for h, _ in users.values()], k=K)
+    recs = recommend_loaded(config, model, dataset, history=[h for h, _ in users.values()], k=K)
     ranks = [rec.items.index(t) + 1 if t in rec.items else None for rec, (_, t) in zip(recs, users.values())]
-    everyone = recommend(checkpoint, user_ids=list(dataset.field2id_token[dataset.uid_field][1:]), k=K)
+    everyone = recommend_loaded(config, model, dataset, user_ids=list(dataset.field2id_token[dataset.uid_field][1:]), k=K)
     per_list = [len(new_items & set(rec.items)) for rec in everyone]
     shown = set().union(*(new_items & set(rec.items) for rec in everyone))
     return {

@@ -67,9 +67,17 @@ def recommend(
 ) -> list[Recommendation]:
     """Top ``k`` items for each of ``user_ids`` (their histories in the dataset) or for each given
     ``history`` (item ids, oldest first); ``exclude_history`` drops items already in it."""
+    config, model, dataset, *_ = load_data_and_model(model_file)
+    return recommend_loaded(config, model, dataset, user_ids, history, k, exclude_history)
+
+
+def recommend_loaded(config, model, dataset, user_ids: Sequence[str] | None = None,
+                     history: Sequence[Sequence[str]] | None = None, k: int = 10,
+                     exclude_history: bool = False) -> list[Recommendation]:
+    """``recommend`` for a model already loaded by ``load_data_and_model`` (no second load of
+    the dataset when one model answers several requests)."""
     if (user_ids is None) == (history is None):
         raise ValueError("give either user_ids or history")
-    config, model, dataset, *_ = load_data_and_model(model_file)
     if user_ids is not None:
         histories = user_histories(dataset, _ids(dataset, dataset.uid_field, list(user_ids), "user id(s)"))
     else:
