@@ -6,6 +6,7 @@ paper has a figure, a PNG into ``docs/analysis/`` with the command, seed, hardwa
     python benchmarks/paper.py ablation --dataset Amazon_Beauty --budget 900   # Tables 5 and 6
     python benchmarks/paper.py layers --dataset Amazon_Beauty --budget 900     # Figure 6
     python benchmarks/paper.py sweep --dataset Amazon_Beauty --budget 900      # Figure 9
+    python benchmarks/paper.py ablation --dataset Amazon_Beauty --row CKA      # one row now, the rest later
 
 ``balance`` (Table 4, Figure 5): how much of the semantic and of the collaborative space the final
 item embeddings keep, for concatenation and for PRORec. It trains (or reuses) two Stage-I DINs,
@@ -22,6 +23,7 @@ share_c = 1 - share_s: the closer F's neighbourhoods are to a space's, the large
 """
 from __future__ import annotations
 
+import json
 import sys
 from datetime import date
 from pathlib import Path
@@ -150,55 +152,103 @@ ABLATION = (("Semantic Only", "PRORec-semantic"), ("Collaborative Only", "PRORec
             ("Concat", "PRORec-concat"), ("CKA", "PRORec-CKA"), ("CKA + IKD (PRORec)", "PRORec"))
 
 
-def train_rows(args, files: Sequence[str], overrides: dict, rows: Sequence[tuple[str, str, dict]]) -> list[dict]:
+# settings that say where output goes or how it is shown, not what a row trains: left out of its key
+UNKEYED = {"show_progress", "state", "unicode_dir", "checkpoint_dir", "semantic_cache_dir"}
+
+
+def row_key(args, label: str, settings: dict, overrides: dict) -> dict:
+    """What decides a row's numbers, as JSON reads it back; a row stored with another key is trained again."""
+    key = {"model": label, "settings": settings, "seed": args.seed, "budget": None if args.quick else args.budget,
+           "device": args.device, "overrides": {k: v for k, v in overrides.items() if k not in UNKEYED}}
+    return json.loads(json.dumps(key, default=str))
+
+
+def train_rows(args, name: str, files: Sequence[str], overrides: dict,
+               rows: Sequence[tuple[str, str, dict]]) -> list[dict]:
     """Train and test each (row name, model or variant, settings) through the runner, every row at
     the same budget (``--budget`` seconds of Stage II; quick mode: its own tiny one); the test split
     is read once per row. A setting the model was not built with (a misspelt key only warns) stops
-    the analysis rather than giving a row of the defaults under a wrong name."""
+    the analysis rather than giving a row of the defaults under a wrong name.
+
+    Rows are stored as they finish in ``<name>_<dataset>.rows.json`` beside the table, and a stored
+    row with the same key (model, settings, seed, budget, device, ``--set``) is reused rather than
+    trained again: an analysis of hours can be run a few rows at a time (``--row``), and each
+    row's test split is still read once. Rows neither stored nor asked for now come back with
+    NaN metrics and ``"run": False``."""
     import torch
 
     from recbole_prorec.runner import run
 
+    ledger_file = analysis_path(args, name, ".rows.json")
+    ledger = json.loads(ledger_file.read_text(encoding="utf-8")) if ledger_file.is_file() else {}
+    wanted = set(args.row) or {row for row, _, _ in rows}
+    unknown = wanted - {row for row, _, _ in rows}
+    if unknown:
+        raise ValueError(f"--row: {sorted(unknown)} not among this analysis' rows {[row for row, _, _ in rows]}")
     budget = {} if args.quick else {"train_time_budget": args.budget}
     out = []
-    for name, label, settings in rows:
+    for row, label, settings in rows:
+        key = row_key(args, label, settings, overrides)
+        stored = ledger.get(row)
+        if stored and stored["key"] == key:
+            print(f"row {row!r}: reusing its result of {stored['date']} from {ledger_file}", flush=True)
+            out.append(stored)
+            continue
+        if row not in wanted:
+            out.append({"row": row, "model": label, **dict.fromkeys(METRICS, float("nan")), "run": False})
+            continue
         result = run(label, args.dataset, files, {"seed": args.seed, **budget, **overrides, **settings})
         saved = torch.load(result.checkpoint, weights_only=True, mmap=True)["config"]  # what the model was built with
         if any(saved.get(k) != v for k, v in settings.items()):
-            raise RuntimeError(f"row {name!r}: settings {settings} did not reach {label} "
+            raise RuntimeError(f"row {row!r}: settings {settings} did not reach {label} "
                                f"(its checkpoint has {({k: saved.get(k) for k in settings})})")
-        out.append({"row": name, "model": label, **{m: result.test.get(m, float("nan")) for m in METRICS},
-                    "epochs": result.epochs_run, "best epoch": result.best_epoch, "train s": result.train_time,
-                    "artifact": result.data_folder, "settings": {k: saved.get(k) for k in settings}})
+        ledger[row] = {"row": row, "model": label, **{m: result.test.get(m, float("nan")) for m in METRICS},
+                       "epochs": result.epochs_run, "best epoch": result.best_epoch, "train s": result.train_time,
+                       "artifact": str(result.data_folder), "settings": {k: saved.get(k) for k in settings},
+                       "run": True, "date": str(date.today()), "key": key}
+        ledger_file.parent.mkdir(parents=True, exist_ok=True)
+        ledger_file.write_text(json.dumps(ledger, indent=1), encoding="utf-8")  # each row as soon as it is done
+        out.append(ledger[row])
     return out
 
 
 def rows_table(rows: list[dict], paper: dict | None = None) -> str:
     header = ["row", "model", *METRICS, "epochs", "best epoch", "train s"]
     table = [[r["row"], r["model"], *(f"{r[m]:.4f}" for m in METRICS), r["epochs"], r["best epoch"], f"{r['train s']:.0f}"]
-             for r in rows]
+             if r["run"] else [r["row"], r["model"], "not run yet", "", "", "", "", "", ""] for r in rows]
     if paper:
         header += [f"paper {m}" for m in METRICS]
         table = [t + [f"{v:.4f}" for v in paper.get(r["row"], ())] + [""] * (4 - len(paper.get(r["row"], ())))
                  for t, r in zip(table, rows)]
-    return markdown_table(header, table)
+    text = markdown_table(header, table)
+    missing = [r["row"] for r in rows if not r["run"]]
+    if missing:
+        text += f"\n\nNot run yet: {', '.join(missing)} (add them with `--row NAME`; stored rows are reused)."
+    dates = sorted({r["date"] for r in rows if r["run"]})
+    if len(dates) > 1:
+        text += f"\n\nRows were trained on {', '.join(dates)}, with the same key each (`.rows.json` beside this file)."
+    return text
+
+
+def analysis_path(args, name: str, suffix: str) -> Path:
+    """``<out-dir>/<name>_<dataset>[_quick]<suffix>`` (a smoke run never replaces a real one)."""
+    return Path(args.out_dir) / (f"{name}_{args.dataset}" + ("_quick" if args.quick else "") + suffix)
 
 
 def write_analysis(args, name: str, title: str, text: str) -> Path:
-    """``docs/analysis/<name>_<dataset>[_quick].md`` (a smoke run never replaces a real one)."""
-    stem = f"{name}_{args.dataset}" + ("_quick" if args.quick else "")
+    """``docs/analysis/<name>_<dataset>[_quick].md``."""
     report = Report(title, ["benchmarks/paper.py", *args.argv])
     budget = "quick mode's tiny budget" if args.quick else f"{args.budget:.0f} s of Stage II training per row"
     report.add(f"{date.today()}, seed {args.seed}, {budget}; test split read once per row; `train s` is Stage II "
                f"training (PRORec's Stage I, run once per distinct Stage-I setting, is not counted).\n\n{text}")
-    out = Path(args.out_dir) / f"{stem}.md"
+    out = analysis_path(args, name, ".md")
     report.save(str(out))
     return out
 
 
 def ablation(args, files: Sequence[str], overrides: dict) -> dict:
     """Tables 5 and 6: single modalities, concatenation, CKA, CKA + IKD, at one budget each."""
-    rows = train_rows(args, files, overrides, [(name, variant, {}) for name, variant in ABLATION])
+    rows = train_rows(args, "ablation", files, overrides, [(name, variant, {}) for name, variant in ABLATION])
     paper = PAPER_BEAUTY if args.dataset == "Amazon_Beauty" else None
     md = write_analysis(args, "ablation", f"Ablation on {args.dataset} (paper Tables 5 and 6)",
                         rows_table(rows, paper) + ("\n\nPaper columns: Tables 5 and 6 (Beauty)." if paper else "")
@@ -228,9 +278,10 @@ def layers(args, files: Sequence[str], overrides: dict) -> dict:
     """Figure 6: decoder depth against NDCG@20, PRORec beside an ID-only transformer of the same
     depth (SASRec-CE stands in for HSTU, which RecBole 1.2.1 lacks)."""
     depths = [int(d) for d in args.depths.split(",")]
-    rows = train_rows(args, files, overrides, [(f"{label}, {d} layers", label, {key: d}) for d in depths
-                                               for label, key in (("PRORec", "n_decoder_layers"), ("SASRec-CE", "n_layers"))])
-    png = Path(args.out_dir) / (f"layers_{args.dataset}" + ("_quick" if args.quick else "") + ".png")
+    pairs = (("PRORec", "n_decoder_layers"), ("SASRec-CE", "n_layers"))
+    rows = train_rows(args, "layers", files, overrides,
+                      [(f"{label}, {d} layers", label, {key: d}) for d in depths for label, key in pairs])
+    png = analysis_path(args, "layers", ".png")
     png.parent.mkdir(parents=True, exist_ok=True)
     line_figure(png, depths, {label: [r["ndcg@20"] for r in rows if r["model"] == label] for label in ("PRORec", "SASRec-CE")},
                 "layers (PRORec: decoder; SASRec-CE: transformer)", "test NDCG@20")
@@ -250,8 +301,8 @@ def sweep(args, files: Sequence[str], overrides: dict) -> dict:
         encoder, _, pooling = spec.rpartition(":") if spec.rpartition(":")[2] in POOLINGS else (spec, "", "")
         key = "semantic_embedding_file" if encoder.endswith(".npy") else "semantic_encoder"
         settings.append((f"encoder {Path(encoder).name}", {key: encoder, **({"semantic_pooling": pooling} if pooling else {})}))
-    rows = train_rows(args, files, overrides, [(name, "PRORec", s) for name, s in settings])
-    png = Path(args.out_dir) / (f"sweep_{args.dataset}" + ("_quick" if args.quick else "") + ".png")
+    rows = train_rows(args, "sweep", files, overrides, [(name, "PRORec", s) for name, s in settings])
+    png = analysis_path(args, "sweep", ".png")
     png.parent.mkdir(parents=True, exist_ok=True)
     line_figure(png, [r["row"] for r in rows], {m: [r[m] for r in rows] for m in ("recall@20", "ndcg@20")},
                 "setting (one change from the defaults each)", "test metric")
@@ -275,6 +326,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--tsne-items", type=int, default=3000, help="balance: items drawn in each t-SNE panel")
     parser.add_argument("--clusters", type=int, default=8, help="balance: k-means clusters that colour the points")
     parser.add_argument("--budget", type=float, default=900, help="ablation/layers/sweep: Stage II seconds per row")
+    parser.add_argument("--row", action="append", default=[], help="ablation/layers/sweep: train only this row now "
+                        "(its name in the table; repeatable); rows stored by an earlier run with the same settings are reused")
     parser.add_argument("--depths", default="1,2,4,8", help="layers: depths to train")
     parser.add_argument("--sizes", default="128,256,512", help="sweep: codebook sizes K")
     parser.add_argument("--quantizers", default="random,rqvae,hkmeans", help="sweep: quantizers (hkmeans is the K=256 row)")

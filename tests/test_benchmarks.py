@@ -236,6 +236,25 @@ def test_paper_ablation_quick_trains_the_five_rows_of_tables_5_and_6(tmp_path):
     assert len(set(artifacts)) == 4 and artifacts[3] == artifacts[4]  # CKA and CKA + IKD share Stage I
 
 
+def test_paper_rows_run_a_few_at_a_time_and_stored_rows_are_reused(tmp_path):
+    paper = load("paper")
+    first = paper.main(["ablation", "--quick", "--device", "cpu", "--out-dir", str(tmp_path), "--row", "CKA"])["rows"]
+    assert [r["run"] for r in first] == [False, False, False, True, False]
+    assert all(math.isnan(r["ndcg@10"]) for r in first if not r["run"]) and 0 < first[3]["ndcg@10"] <= 1
+    text = (tmp_path / "ablation_ml-100k_quick.md").read_text()
+    assert "| Semantic Only | PRORec-semantic | not run yet |" in text and "Not run yet: Semantic Only, " in text
+    second = paper.main(["ablation", "--quick", "--device", "cpu", "--out-dir", str(tmp_path), "--row", "Semantic Only"])["rows"]
+    assert [r["run"] for r in second] == [True, False, False, True, False]
+    assert second[3] == first[3]  # reused as stored, not trained (and tested) again
+    stored = json.loads((tmp_path / "ablation_ml-100k_quick.rows.json").read_text())
+    assert set(stored) == {"CKA", "Semantic Only"} and stored["CKA"]["key"]["model"] == "PRORec-CKA"
+    changed = paper.main(["ablation", "--quick", "--device", "cpu", "--out-dir", str(tmp_path), "--row", "Semantic Only",
+                          "--seed", "7"])["rows"]  # another key: the stored rows do not count
+    assert [r["run"] for r in changed] == [True, False, False, False, False] and changed[0]["key"]["seed"] == 7
+    with pytest.raises(ValueError, match=r"--row: \['CKA \+ IKD'\] not among"):
+        paper.main(["ablation", "--quick", "--device", "cpu", "--out-dir", str(tmp_path), "--row", "CKA + IKD"])
+
+
 def test_paper_layers_quick_draws_ndcg_against_depth(tmp_path):
     result = load("paper").main(["layers", "--quick", "--device", "cpu", "--out-dir", str(tmp_path), "--depths", "1,2"])
     _check_rows(result["rows"], ["PRORec, 1 layers", "SASRec-CE, 1 layers", "PRORec, 2 layers", "SASRec-CE, 2 layers"])
