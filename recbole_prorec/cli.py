@@ -50,6 +50,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str
                         "a trained PRORec (--load_checkpoint=FILE), without retraining")
     parser.add_argument("--placement", choices=["tree", "random"], default="tree",
                         help="with --add_items: nearest k-means clusters (tree) or random leaf clusters (a baseline)")
+    parser.add_argument("--item_weights", choices=["ridge", "mean"], default="ridge",
+                        help="with --add_items: each new item's own token and bias predicted from its integrated "
+                        "embedding (ridge) or the warm items' mean (measured alike on Beauty: docs/RESULTS.md)")
     args, rest = parser.parse_known_args(argv)
     overrides = {}
     for arg in rest:
@@ -79,8 +82,9 @@ def print_added_items(args, overrides: Mapping[str, str]) -> None:
 
     if not overrides.get("load_checkpoint"):
         raise ValueError("--add_items needs --load_checkpoint=FILE (a trained PRORec checkpoint)")
-    result = add_items(overrides["load_checkpoint"], args.add_items, args.placement)
-    print(f"\n{len(result.items)} new items placed ({args.placement}; text -> integrated map R^2 {result.map_r2:.3f})")
+    result = add_items(overrides["load_checkpoint"], args.add_items, args.placement, item_weights=args.item_weights)
+    print(f"\n{len(result.items)} new items placed ({args.placement}, {args.item_weights} item weights; "
+          f"text -> integrated map R^2 {result.map_r2:.3f})")
     print("| item | code |\n|---|---|")
     for item, code in zip(result.items, result.codes):
         print(f"| {item} | {' '.join(map(str, code))} |")

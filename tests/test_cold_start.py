@@ -113,9 +113,11 @@ def test_command_line_adds_items_and_says_how_to_recommend(trained_prorec, tmp_p
     from recbole_prorec.cli import main
 
     new_file = write_new_items(tmp_path / "new.item", NEW_ITEMS[:1])
-    main(["--add_items", str(new_file), "--placement", "random", f"--load_checkpoint={trained_prorec}"])
+    main(["--add_items", str(new_file), "--placement", "random", "--item_weights", "mean",
+          f"--load_checkpoint={trained_prorec}"])
     out = capsys.readouterr().out
-    assert "1 new items placed (random" in out and "| n1 | " in out
+    assert "1 new items placed (random, mean item weights" in out and "| n1 | " in out
+    assert out.split("checkpoint: ")[1].split("\n")[0].endswith("-mean.pth")  # the grown checkpoint names its weights
     checkpoint = out.split("checkpoint: ")[1].split("\n")[0]
     assert checkpoint.endswith(".pth") and __import__("pathlib").Path(checkpoint).is_file()
     assert f"--recommend --load_checkpoint={checkpoint}" in out
