@@ -32,7 +32,8 @@ from typing import Sequence
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import QUICK, ROOT, Report, add_run_arguments, base_parser, markdown_table, run_overrides, setup  # noqa: E402
+from common import (QUICK, ROOT, Report, add_run_arguments, base_parser, environment, markdown_table,  # noqa: E402
+                    run_overrides, setup)
 
 OUT_DIR = ROOT / "docs" / "analysis"
 
@@ -205,11 +206,17 @@ def train_rows(args, name: str, files: Sequence[str], overrides: dict,
         ledger[row] = {"row": row, "model": label, **{m: result.test.get(m, float("nan")) for m in METRICS},
                        "epochs": result.epochs_run, "best epoch": result.best_epoch, "train s": result.train_time,
                        "artifact": str(result.data_folder), "settings": {k: saved.get(k) for k in settings},
-                       "run": True, "date": str(date.today()), "key": key}
+                       "run": True, "date": str(date.today()), "hardware": hardware(), "key": key}
         ledger_file.parent.mkdir(parents=True, exist_ok=True)
         ledger_file.write_text(json.dumps(ledger, indent=1), encoding="utf-8")  # each row as soon as it is done
         out.append(ledger[row])
     return out
+
+
+def hardware() -> str:
+    """Where a row was trained: its budget buys a different number of epochs on another machine."""
+    env = environment()
+    return f"{env['cpu']}, {env['cores']} cores, GPU {env['gpu']}"
 
 
 def rows_table(rows: list[dict], paper: dict | None = None) -> str:
@@ -227,6 +234,10 @@ def rows_table(rows: list[dict], paper: dict | None = None) -> str:
     dates = sorted({r["date"] for r in rows if r["run"]})
     if len(dates) > 1:
         text += f"\n\nRows were trained on {', '.join(dates)}, with the same key each (`.rows.json` beside this file)."
+    machines = {r.get("hardware", "not recorded") for r in rows if r["run"]}
+    if len(machines) > 1:  # the environment line above is the last run's machine only
+        text += "\n\nRows were trained on different machines: " + "; ".join(
+            f"{r['row']}: {r.get('hardware', 'not recorded')}" for r in rows if r["run"]) + "."
     return text
 
 
@@ -246,14 +257,20 @@ def write_analysis(args, name: str, title: str, text: str) -> Path:
     return out
 
 
+def stage2_note(args) -> str:
+    """What every ablation row's Stage II is, beside the paper's (``--set`` may change it)."""
+    settings = f", changed by {', '.join(f'`{s}`' for s in args.set)}" if args.set else ""
+    return (f"Every row keeps this package's Stage II defaults{settings}; the paper's model has neither "
+            "an item's own last-code token nor integrated embeddings among its input tokens (`integrated_item_tokens`).")
+
+
 def ablation(args, files: Sequence[str], overrides: dict) -> dict:
     """Tables 5 and 6: single modalities, concatenation, CKA, CKA + IKD, at one budget each."""
     rows = train_rows(args, "ablation", files, overrides, [(name, variant, {}) for name, variant in ABLATION])
     paper = PAPER_BEAUTY if args.dataset == "Amazon_Beauty" else None
     md = write_analysis(args, "ablation", f"Ablation on {args.dataset} (paper Tables 5 and 6)",
                         rows_table(rows, paper) + ("\n\nPaper columns: Tables 5 and 6 (Beauty)." if paper else "")
-                        + "\n\nEvery row keeps this package's Stage II defaults (item tokens with integrated "
-                        "embeddings among them), which the paper's model does not have.")
+                        + "\n\n" + stage2_note(args))
     return {"rows": rows, "md": md}
 
 

@@ -248,6 +248,12 @@ def test_paper_rows_run_a_few_at_a_time_and_stored_rows_are_reused(tmp_path):
     assert second[3] == first[3]  # reused as stored, not trained (and tested) again
     stored = json.loads((tmp_path / "ablation_ml-100k_quick.rows.json").read_text())
     assert set(stored) == {"CKA", "Semantic Only"} and stored["CKA"]["key"]["model"] == "PRORec-CKA"
+    assert stored["CKA"]["hardware"].endswith(", GPU none") and "different machines" not in text
+    stored["CKA"]["hardware"] = "another CPU, 2 cores, GPU none"  # as if trained elsewhere
+    (tmp_path / "ablation_ml-100k_quick.rows.json").write_text(json.dumps(stored))
+    paper.main(["ablation", "--quick", "--device", "cpu", "--out-dir", str(tmp_path), "--row", "CKA"])  # all reused
+    text = (tmp_path / "ablation_ml-100k_quick.md").read_text()
+    assert "Rows were trained on different machines: Semantic Only: " in text and "CKA: another CPU, 2 cores" in text
     changed = paper.main(["ablation", "--quick", "--device", "cpu", "--out-dir", str(tmp_path), "--row", "Semantic Only",
                           "--seed", "7"])["rows"]  # another key: the stored rows do not count
     assert [r["run"] for r in changed] == [True, False, False, False, False] and changed[0]["key"]["seed"] == 7
