@@ -171,7 +171,8 @@ def train_rows(args, name: str, files: Sequence[str], overrides: dict,
     is read once per row. A setting the model was not built with (a misspelt key only warns) stops
     the analysis rather than giving a row of the defaults under a wrong name.
 
-    Rows are stored as they finish in ``<name>_<dataset>.rows.json`` beside the table, and a stored
+    Rows are stored as they finish in ``<name>_<dataset>.rows.json`` beside the table (with the
+    machine they ran on and their per-epoch validation curve), and a stored
     row with the same key (model, settings, seed, budget, device, ``--set``) is reused rather than
     trained again: an analysis of hours can be run a few rows at a time (``--row``), and each
     row's test split is still read once. Rows neither stored nor asked for now come back with
@@ -206,7 +207,9 @@ def train_rows(args, name: str, files: Sequence[str], overrides: dict,
         ledger[row] = {"row": row, "model": label, **{m: result.test.get(m, float("nan")) for m in METRICS},
                        "epochs": result.epochs_run, "best epoch": result.best_epoch, "train s": result.train_time,
                        "artifact": str(result.data_folder), "settings": {k: saved.get(k) for k in settings},
-                       "run": True, "date": str(date.today()), "hardware": hardware(), "key": key}
+                       "run": True, "date": str(date.today()), "hardware": hardware(),
+                       "curve": [{k: float(v) for k, v in entry.items()} for entry in result.curve],  # outlives the log
+                       "key": key}
         ledger_file.parent.mkdir(parents=True, exist_ok=True)
         ledger_file.write_text(json.dumps(ledger, indent=1), encoding="utf-8")  # each row as soon as it is done
         out.append(ledger[row])

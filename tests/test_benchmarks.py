@@ -249,6 +249,8 @@ def test_paper_rows_run_a_few_at_a_time_and_stored_rows_are_reused(tmp_path):
     stored = json.loads((tmp_path / "ablation_ml-100k_quick.rows.json").read_text())
     assert set(stored) == {"CKA", "Semantic Only"} and stored["CKA"]["key"]["model"] == "PRORec-CKA"
     assert stored["CKA"]["hardware"].endswith(", GPU none") and "different machines" not in text
+    curve = stored["CKA"]["curve"]  # per validated epoch, as the trainer measured it
+    assert len(curve) >= 1 and all(0 <= entry["ndcg@10"] <= 1 and entry["gen_l1"] > 0 for entry in curve)
     stored["CKA"]["hardware"] = "another CPU, 2 cores, GPU none"  # as if trained elsewhere
     (tmp_path / "ablation_ml-100k_quick.rows.json").write_text(json.dumps(stored))
     paper.main(["ablation", "--quick", "--device", "cpu", "--out-dir", str(tmp_path), "--row", "CKA"])  # all reused
