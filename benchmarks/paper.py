@@ -182,7 +182,7 @@ def train_rows(args, name: str, files: Sequence[str], overrides: dict,
     from recbole_prorec.runner import run
 
     ledger_file = analysis_path(args, name, ".rows.json")
-    ledger = json.loads(ledger_file.read_text(encoding="utf-8")) if ledger_file.is_file() else {}
+    ledger = read_ledger(ledger_file)
     wanted = set(args.row) or {row for row, _, _ in rows}
     unknown = wanted - {row for row, _, _ in rows}
     if unknown:
@@ -192,7 +192,7 @@ def train_rows(args, name: str, files: Sequence[str], overrides: dict,
     for row, label, settings in rows:
         key = row_key(args, label, settings, overrides)
         stored = ledger.get(row)
-        if stored and stored["key"] == key:
+        if stored and stored.get("key") == key:
             print(f"row {row!r}: reusing its result of {stored['date']} from {ledger_file}", flush=True)
             out.append(stored)
             continue
@@ -208,12 +208,28 @@ def train_rows(args, name: str, files: Sequence[str], overrides: dict,
                        "epochs": result.epochs_run, "best epoch": result.best_epoch, "train s": result.train_time,
                        "artifact": str(result.data_folder), "settings": {k: saved.get(k) for k in settings},
                        "run": True, "date": str(date.today()), "hardware": hardware(),
-                       "curve": [{k: float(v) for k, v in entry.items()} for entry in result.curve],  # outlives the log
+                       "curve": result.curve,  # per validated epoch: outlives the log
                        "key": key}
         ledger_file.parent.mkdir(parents=True, exist_ok=True)
-        ledger_file.write_text(json.dumps(ledger, indent=1), encoding="utf-8")  # each row as soon as it is done
+        tmp = ledger_file.with_name(ledger_file.name + ".tmp")  # each row as soon as it is done; a crash
+        tmp.write_text(json.dumps(ledger, indent=1), encoding="utf-8")  # while writing keeps the old ledger
+        tmp.replace(ledger_file)
         out.append(ledger[row])
     return out
+
+
+def read_ledger(path: Path) -> dict:
+    """The stored rows of ``path`` ({} when there is none); a damaged file stops the analysis, naming
+    it, rather than being overwritten: it may hold hours of training."""
+    if not path.is_file():
+        return {}
+    try:
+        ledger = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not a JSON rows ledger ({err}); repair it or move it away to train its rows again") from None
+    if not isinstance(ledger, dict):
+        raise ValueError(f"{path}: a rows ledger maps row names to rows, got {type(ledger).__name__}")
+    return ledger
 
 
 def hardware() -> str:

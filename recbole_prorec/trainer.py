@@ -338,8 +338,10 @@ class SafeTrainer(Trainer):
     def _valid_epoch(self, valid_data, show_progress=False):
         score, result = super()._valid_epoch(valid_data, show_progress)
         release_freed_memory()
-        entry = {"epoch": self._epoch, "train_s": self.train_time, "elapsed_s": monotonic() - self._fit_start}
-        self.curve.append({**entry, **self._mean_losses(self._epoch_losses), **self._last_eval_stats, **dict(result)})
+        stats = {"train_s": self.train_time, "elapsed_s": monotonic() - self._fit_start,
+                 **self._mean_losses(self._epoch_losses), **self._last_eval_stats, **dict(result)}
+        # plain numbers, so the resume state, JSON ledgers and weights_only loads take the curve as it is
+        self.curve.append({"epoch": int(self._epoch), **{k: float(v) for k, v in stats.items()}})
         return score, result
 
     def _generate_train_loss_output(self, epoch_idx, s_time, e_time, losses):
@@ -394,7 +396,7 @@ class SafeTrainer(Trainer):
             "train_time": float(self.train_time),
             "epochs_run": int(self.epochs_run),
             "elapsed": float(monotonic() - self._fit_start),
-            "curve": [{k: float(v) for k, v in entry.items()} for entry in self.curve],
+            "curve": self.curve,
             "rng": _rng_states(loader_generator),
         }
         path = str(Path(self.saved_model_file).with_suffix(RESUME_SUFFIX))

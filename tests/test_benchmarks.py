@@ -261,6 +261,11 @@ def test_paper_rows_run_a_few_at_a_time_and_stored_rows_are_reused(tmp_path):
     assert [r["run"] for r in changed] == [True, False, False, False, False] and changed[0]["key"]["seed"] == 7
     with pytest.raises(ValueError, match=r"--row: \['CKA \+ IKD'\] not among"):
         paper.main(["ablation", "--quick", "--device", "cpu", "--out-dir", str(tmp_path), "--row", "CKA + IKD"])
+    ledger = tmp_path / "ablation_ml-100k_quick.rows.json"
+    ledger.write_text('{"CKA": ')  # cut short: it is named, not overwritten
+    with pytest.raises(ValueError, match=r"ablation_ml-100k_quick\.rows\.json: not a JSON rows ledger"):
+        paper.main(["ablation", "--quick", "--device", "cpu", "--out-dir", str(tmp_path), "--row", "CKA"])
+    assert ledger.read_text() == '{"CKA": '
 
 
 def test_paper_layers_quick_draws_ndcg_against_depth(tmp_path):

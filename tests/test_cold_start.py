@@ -117,8 +117,8 @@ def test_command_line_adds_items_and_says_how_to_recommend(trained_prorec, tmp_p
           f"--load_checkpoint={trained_prorec}"])
     out = capsys.readouterr().out
     assert "1 new items placed (random, mean item weights" in out and "| n1 | " in out
-    assert out.split("checkpoint: ")[1].split("\n")[0].endswith("-mean.pth")  # the grown checkpoint names its weights
     checkpoint = out.split("checkpoint: ")[1].split("\n")[0]
+    assert checkpoint.endswith("-mean.pth")  # the grown checkpoint names its item weights
     assert checkpoint.endswith(".pth") and __import__("pathlib").Path(checkpoint).is_file()
     assert f"--recommend --load_checkpoint={checkpoint}" in out
     with pytest.raises(SystemExit):
