@@ -166,6 +166,7 @@ class PRORec(SequentialRecommender):
         self.ikd_weight = config["ikd_weight"]
         self.ikd_tau = config["ikd_tau"]
         self.ikd_negatives = config["ikd_negatives"]
+        self.catalogue_weight = config["catalogue_weight"]
         self.check_config(config)
         data_file = str(Path(config["data_path"]) / f"{dataset.dataset_name}.item")
         codes = load_codes(dataset, data_file)
@@ -174,6 +175,8 @@ class PRORec(SequentialRecommender):
         self.register_buffer("codes", codes, persistent=False)
         self.code_len = codes.shape[1]
         self.loss_names = (*(f"gen_l{level + 1}" for level in range(self.code_len)), "ikd")
+        if self.catalogue_weight:
+            self.loss_names += ("catalogue",)
         self.trie = CodeTrie(codes, self.K)  # validates uniqueness and prefix-freeness
         self.bos, self.ikd_token = 1 + self.code_len * self.K, 2 + self.code_len * self.K
         self.item_level = config["last_code_token"] == "item"
@@ -218,6 +221,8 @@ class PRORec(SequentialRecommender):
         may train for minutes, and the model again when it is built."""
         if config["last_code_token"] not in cls.LAST_CODE_TOKENS:
             raise ValueError(f"last_code_token must be one of {cls.LAST_CODE_TOKENS}, got {config['last_code_token']!r}")
+        if config["catalogue_weight"] and config["last_code_token"] != "item":
+            raise ValueError("catalogue_weight needs last_code_token: item (the items' own tokens score the catalogue)")
         if config["hidden_size"] % config["n_heads"]:
             raise ValueError(f"hidden_size {config['hidden_size']} is not divisible by n_heads {config['n_heads']}")
         if config["beam_size"] < max(config["topk"]):
@@ -251,6 +256,9 @@ class PRORec(SequentialRecommender):
         """Use one token table for a whole pass (encoder and decoder inputs, item scores, every
         beam-search step): with integrated item tokens it costs a [n_items, d] x [d, H] product
         and its backward, which a pass would otherwise pay three times, and each step of a search."""
+        if self._table is not None:  # already inside a pass
+            yield
+            return
         self._table = self.token_table()
         try:
             yield
@@ -342,7 +350,8 @@ class PRORec(SequentialRecommender):
         return torch.empty_like(scores).index_copy_(0, order, scores)
 
     def teacher_forced(self, interaction, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits [B, C, K] of each code of ``items``, its codes [B, C] and the [IKD] state [B, H]."""
+        """Logits [B, C, K] of each code of ``items``, its codes [B, C] and the decoder states
+        [B, C + 2, H] ([BOS], the code tokens, [IKD])."""
         with self.one_table():
             memory, memory_mask = self.encode(interaction)
             codes = self.codes[items]
@@ -351,16 +360,26 @@ class PRORec(SequentialRecommender):
             ikd = torch.full((B, 1), self.ikd_token, device=items.device)
             tokens = torch.cat([bos, self.item_tokens[items], ikd], dim=1)
             states = self.decode(tokens[:, None], memory, memory_mask)[:, 0]
-            return self.level_logits(states[:, : self.code_len], self.item_nodes[items]), codes, states[:, -1]
+            return self.level_logits(states[:, : self.code_len], self.item_nodes[items]), codes, states
 
     def calculate_loss(self, interaction) -> tuple[torch.Tensor, ...]:
         """Generation loss per code level (their sum is L_GR; a level an item's code does not
         reach adds 0 for it), then mu * L_IKD: RecBole sums the tuple, our trainer logs each part."""
         target = interaction[self.POS_ITEM_ID]
-        logits, codes, ikd_state = self.teacher_forced(interaction, target)
-        gen = F.cross_entropy(logits.transpose(1, 2), codes, ignore_index=-1, reduction="none").sum(0) / len(target)
-        ikd = self.ikd_weight * self.ikd_loss(ikd_state, target) if self.ikd_weight else gen.new_zeros(())
-        return (*gen.unbind(), ikd)
+        with self.one_table():
+            logits, codes, states = self.teacher_forced(interaction, target)
+            gen = F.cross_entropy(logits.transpose(1, 2), codes, ignore_index=-1, reduction="none").sum(0) / len(target)
+            ikd = self.ikd_weight * self.ikd_loss(states[:, -1], target) if self.ikd_weight else gen.new_zeros(())
+            if not self.catalogue_weight:
+                return (*gen.unbind(), ikd)
+            return (*gen.unbind(), ikd, self.catalogue_weight * self.catalogue_loss(states[:, 0], target))
+
+    def catalogue_loss(self, state: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the target among all items, scored from the first decoding state by the
+        items' own tokens: every item token takes part in every step, as in SASRec-CE, instead of
+        only when a sibling in its cluster is the target (rare items' tokens are seldom trained)."""
+        scores = torch.addmm(self.item_bias, state, self.token_table()[self.item_offset :].T)
+        return F.cross_entropy(scores[:, 1:], target - 1)
 
     def ikd_loss(self, state: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """-log softmax of sim(h, z_target) against sim(h, z_negative) (cosine / tau)."""
