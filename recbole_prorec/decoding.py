@@ -91,6 +91,17 @@ class CodeTrie:
         leaf = self.leaf_item[depth + 1][children.clamp(min=0)]
         return torch.where(children >= 0, leaf, torch.full_like(leaf, -2))
 
+    def leaf_children(self, depth: int) -> tuple[Tensor, Tensor]:
+        """The children of each depth-``depth`` node that complete an item, packed to the left:
+        codes ``[n_nodes(depth), C]`` and items ``[n_nodes(depth), C]``, C = the most any node has.
+        A node with fewer pads with code ``K`` (one past the last) and item 0. Scoring only these
+        costs C (Amazon clusters: about 110) where all K codes would cost K."""
+        items = self.child_items(depth)
+        leaf = items >= 0
+        codes = (~leaf).to(torch.uint8).argsort(dim=1, stable=True)[:, : int(leaf.sum(1).max())]
+        real = torch.arange(codes.shape[1], device=codes.device) < leaf.sum(1, keepdim=True)
+        return codes.masked_fill(~real, self.K), items.gather(1, codes).masked_fill(~real, 0)
+
     def to(self, device: torch.device | str) -> "CodeTrie":
         """Move all tables to ``device`` (in place, returns self like ``nn.Module.to``)."""
         self.children = [c.to(device) for c in self.children]

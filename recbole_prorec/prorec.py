@@ -166,7 +166,6 @@ class PRORec(SequentialRecommender):
         self.ikd_weight = config["ikd_weight"]
         self.ikd_tau = config["ikd_tau"]
         self.ikd_negatives = config["ikd_negatives"]
-        self.catalogue_weight = config["catalogue_weight"]
         self.check_config(config)
         data_file = str(Path(config["data_path"]) / f"{dataset.dataset_name}.item")
         codes = load_codes(dataset, data_file)
@@ -175,8 +174,6 @@ class PRORec(SequentialRecommender):
         self.register_buffer("codes", codes, persistent=False)
         self.code_len = codes.shape[1]
         self.loss_names = (*(f"gen_l{level + 1}" for level in range(self.code_len)), "ikd")
-        if self.catalogue_weight:
-            self.loss_names += ("catalogue",)
         self.trie = CodeTrie(codes, self.K)  # validates uniqueness and prefix-freeness
         self.bos, self.ikd_token = 1 + self.code_len * self.K, 2 + self.code_len * self.K
         self.item_level = config["last_code_token"] == "item"
@@ -193,6 +190,9 @@ class PRORec(SequentialRecommender):
                 self.register_buffer(f"child_items_{level}", child_items, persistent=False)
                 if bool((child_items >= 0).any()):
                     self.leaf_levels.add(level)
+                    leaf_codes, leaf_items = self.trie.leaf_children(level)
+                    self.register_buffer(f"leaf_codes_{level}", leaf_codes, persistent=False)
+                    self.register_buffer(f"leaf_items_{level}", leaf_items, persistent=False)
         self.item_bias = nn.Parameter(torch.zeros(self.n_items)) if self.item_level else None
         self.integrated_item_tokens = self.item_level and config["integrated_item_tokens"]
         if self.ikd_weight or self.integrated_item_tokens:
@@ -221,8 +221,6 @@ class PRORec(SequentialRecommender):
         may train for minutes, and the model again when it is built."""
         if config["last_code_token"] not in cls.LAST_CODE_TOKENS:
             raise ValueError(f"last_code_token must be one of {cls.LAST_CODE_TOKENS}, got {config['last_code_token']!r}")
-        if config["catalogue_weight"] and config["last_code_token"] != "item":
-            raise ValueError("catalogue_weight needs last_code_token: item (the items' own tokens score the catalogue)")
         if config["hidden_size"] % config["n_heads"]:
             raise ValueError(f"hidden_size {config['hidden_size']} is not divisible by n_heads {config['n_heads']}")
         if config["beam_size"] < max(config["topk"]):
@@ -256,9 +254,6 @@ class PRORec(SequentialRecommender):
         """Use one token table for a whole pass (encoder and decoder inputs, item scores, every
         beam-search step): with integrated item tokens it costs a [n_items, d] x [d, H] product
         and its backward, which a pass would otherwise pay three times, and each step of a search."""
-        if self._table is not None:  # already inside a pass
-            yield
-            return
         self._table = self.token_table()
         try:
             yield
@@ -333,25 +328,29 @@ class PRORec(SequentialRecommender):
 
     def _item_logits(self, states: torch.Tensor, nodes: torch.Tensor, level: int) -> torch.Tensor:
         """<state, own token> + item bias [N, K] of the items completed by each child of ``nodes``
-        (arbitrary where a child completes no item). Two forms of the same numbers, chosen by cost
-        on a CPU: with gradients, one dense product over the catalogue and a gather (the backward of
-        gathering [N, K, H] embeddings is a slow scatter); without, one [rows, H] x [H, K] product
-        per distinct node (beams crowd into few clusters), which never forms [N, n_items]; on a GPU
-        that is a few hundred small products per step, fine at beam 20 (decode.py measures it)."""
+        (0 where a child completes no item). Only those children are scored (``leaf_children``: at
+        most about 110 of K=256 on Amazon), in two forms of the same numbers chosen by cost on a
+        CPU: with gradients, a gather of each row's [C, H] item embeddings and one batched product
+        (half the cost of scoring the whole catalogue densely); without, one [rows, H] x [H, C]
+        product per distinct node (beams crowd into few clusters), which never forms [N, n_items];
+        on a GPU that is a few hundred small products per step, fine at beam 20 (decode.py)."""
         table = self.token_table()[self.item_offset :]
-        children = getattr(self, f"child_items_{level}").clamp(min=0)
+        codes, items = (getattr(self, f"leaf_{part}_{level}") for part in ("codes", "items"))
         if torch.is_grad_enabled():
-            return torch.addmm(self.item_bias, states, table.T).gather(1, children[nodes])
-        uniq, inv = nodes.unique(return_inverse=True)
-        items = children[uniq]  # [U, K]
-        order = inv.argsort()
-        groups = states[order].split(torch.bincount(inv, minlength=len(uniq)).tolist())
-        scores = torch.cat([rows @ table[items[u]].T + self.item_bias[items[u]] for u, rows in enumerate(groups)])
-        return torch.empty_like(scores).index_copy_(0, order, scores)
+            width = int((codes[nodes] < self.K).sum(1).max())  # the batch's widest node
+            items = items[nodes, :width]
+            scores = torch.bmm(F.embedding(items, table), states[:, :, None]).squeeze(-1) + self.item_bias[items]
+        else:
+            uniq, inv = nodes.unique(return_inverse=True)
+            order = inv.argsort()
+            groups = states[order].split(torch.bincount(inv, minlength=len(uniq)).tolist())
+            scores = torch.cat([rows @ table[items[u]].T + self.item_bias[items[u]] for u, rows in zip(uniq, groups)])
+            scores, width = torch.empty_like(scores).index_copy_(0, order, scores), items.shape[1]
+        out = states.new_zeros(len(states), self.K + 1)  # column K takes the padding
+        return out.scatter_(1, codes[nodes, :width], scores)[:, : self.K]
 
     def teacher_forced(self, interaction, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits [B, C, K] of each code of ``items``, its codes [B, C] and the decoder states
-        [B, C + 2, H] ([BOS], the code tokens, [IKD])."""
+        """Logits [B, C, K] of each code of ``items``, its codes [B, C] and the [IKD] state [B, H]."""
         with self.one_table():
             memory, memory_mask = self.encode(interaction)
             codes = self.codes[items]
@@ -360,26 +359,16 @@ class PRORec(SequentialRecommender):
             ikd = torch.full((B, 1), self.ikd_token, device=items.device)
             tokens = torch.cat([bos, self.item_tokens[items], ikd], dim=1)
             states = self.decode(tokens[:, None], memory, memory_mask)[:, 0]
-            return self.level_logits(states[:, : self.code_len], self.item_nodes[items]), codes, states
+            return self.level_logits(states[:, : self.code_len], self.item_nodes[items]), codes, states[:, -1]
 
     def calculate_loss(self, interaction) -> tuple[torch.Tensor, ...]:
         """Generation loss per code level (their sum is L_GR; a level an item's code does not
         reach adds 0 for it), then mu * L_IKD: RecBole sums the tuple, our trainer logs each part."""
         target = interaction[self.POS_ITEM_ID]
-        with self.one_table():
-            logits, codes, states = self.teacher_forced(interaction, target)
-            gen = F.cross_entropy(logits.transpose(1, 2), codes, ignore_index=-1, reduction="none").sum(0) / len(target)
-            ikd = self.ikd_weight * self.ikd_loss(states[:, -1], target) if self.ikd_weight else gen.new_zeros(())
-            if not self.catalogue_weight:
-                return (*gen.unbind(), ikd)
-            return (*gen.unbind(), ikd, self.catalogue_weight * self.catalogue_loss(states[:, 0], target))
-
-    def catalogue_loss(self, state: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the target among all items, scored from the first decoding state by the
-        items' own tokens: every item token takes part in every step, as in SASRec-CE, instead of
-        only when a sibling in its cluster is the target (rare items' tokens are seldom trained)."""
-        scores = torch.addmm(self.item_bias, state, self.token_table()[self.item_offset :].T)
-        return F.cross_entropy(scores[:, 1:], target - 1)
+        logits, codes, ikd_state = self.teacher_forced(interaction, target)
+        gen = F.cross_entropy(logits.transpose(1, 2), codes, ignore_index=-1, reduction="none").sum(0) / len(target)
+        ikd = self.ikd_weight * self.ikd_loss(ikd_state, target) if self.ikd_weight else gen.new_zeros(())
+        return (*gen.unbind(), ikd)
 
     def ikd_loss(self, state: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """-log softmax of sim(h, z_target) against sim(h, z_negative) (cosine / tau)."""

@@ -93,6 +93,25 @@ def test_trie_walk_recovers_every_item(setup):
     assert sum(int((leaf >= 0).sum()) for leaf in trie.leaf_item) == n_real(codes)
 
 
+def test_leaf_children_pack_the_children_that_complete_items(setup):
+    codes, trie, _ = setup
+    for depth in range(trie.max_len):
+        leaf_codes, leaf_items = trie.leaf_children(depth)
+        child_items = trie.child_items(depth)
+        counts = (child_items >= 0).sum(1)
+        assert leaf_codes.shape == leaf_items.shape == (len(child_items), int(counts.max()))
+        for node in range(len(child_items)):
+            n = int(counts[node])
+            expected = (child_items[node] >= 0).nonzero().squeeze(1)  # leaf codes, ascending
+            assert torch.equal(leaf_codes[node, :n], expected)
+            assert torch.equal(leaf_items[node, :n], child_items[node, expected])
+            assert (leaf_codes[node, n:] == trie.K).all() and (leaf_items[node, n:] == 0).all()
+            # each packed item's code is the node's prefix followed by its leaf code
+            for code, item in zip(leaf_codes[node, :n].tolist(), leaf_items[node, :n].tolist()):
+                assert codes[item, depth] == code and (depth + 1 == codes.shape[1] or codes[item, depth + 1] == -1)
+    assert sum(int((trie.leaf_children(d)[1] > 0).sum()) for d in range(trie.max_len)) == n_real(codes)
+
+
 @pytest.mark.parametrize("extra", [0, 5])
 def test_wide_beam_matches_brute_force(setup, extra):
     """With beam >= number of items nothing is pruned, so the search is exact."""

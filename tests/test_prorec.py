@@ -167,31 +167,6 @@ def test_ikd_weight_zero_turns_ikd_off(stage2):
     assert not hasattr(plain, "integrated") and not hasattr(plain, "ikd_proj")  # Stage I's embeddings unread
 
 
-def test_catalogue_loss_is_the_cross_entropy_over_all_items_from_the_first_state(stage2):
-    _, _, (train, _, _) = stage2
-    model = randomise(make_prorec(stage2, catalogue_weight=0.5), 8).eval()
-    assert model.loss_names[-1] == "catalogue"
-    batch = first_batch(train)
-    target = batch[model.POS_ITEM_ID]
-    torch.manual_seed(0)
-    with torch.no_grad():
-        *_, catalogue = model.calculate_loss(batch)
-        states = model.teacher_forced(batch, target)[2]
-    table = model.token_table()[model.item_offset :]
-    scores = states[:, 0] @ table.T + model.item_bias  # [BOS] state against every item's own token
-    scores[:, 0] = float("-inf")  # the padding item is no candidate
-    expected = 0.5 * F.cross_entropy(scores, target)
-    torch.testing.assert_close(catalogue, expected)
-    assert catalogue.item() > 0.5 * math.log(model.n_items - 1) - 1  # untrained: near chance over all items
-    # the loss reaches every item's token, not only the target's cluster
-    model.train()
-    model.zero_grad()
-    model.calculate_loss(batch)[-1].backward()
-    assert (model.item_bias.grad[1:] != 0).all() and model.item_bias.grad[0] == 0
-    with pytest.raises(ValueError, match="catalogue_weight needs last_code_token: item"):
-        make_prorec(stage2, catalogue_weight=1.0, last_code_token="shared")
-
-
 def chance_loss(model: PRORec, targets: torch.Tensor) -> float:
     """Mean generation loss of a uniform guess: log K per code position (shared head), or the log
     of the number of children of the prefix at each position (item mode scores only those)."""
@@ -372,7 +347,7 @@ def test_integrated_item_tokens_add_the_projected_stage1_embedding(stage2):
 
 @pytest.mark.parametrize("form", ["item", "integrated"])
 def test_item_scores_are_the_same_with_and_without_gradients(stage2, form):
-    """Training scores items with one dense product, inference per trie node: the same numbers."""
+    """Training scores items by a gather and a batched product, inference per trie node: the same numbers."""
     _, _, (_, _, test) = stage2
     model = randomise(make_prorec(stage2, **FORMS[form]), 9).eval()
     batch = first_batch(test)
