@@ -166,6 +166,7 @@ class PRORec(SequentialRecommender):
         self.ikd_weight = config["ikd_weight"]
         self.ikd_tau = config["ikd_tau"]
         self.ikd_negatives = config["ikd_negatives"]
+        self.label_smoothing = config["label_smoothing"]
         self.check_config(config)
         data_file = str(Path(config["data_path"]) / f"{dataset.dataset_name}.item")
         codes = load_codes(dataset, data_file)
@@ -221,6 +222,8 @@ class PRORec(SequentialRecommender):
         may train for minutes, and the model again when it is built."""
         if config["last_code_token"] not in cls.LAST_CODE_TOKENS:
             raise ValueError(f"last_code_token must be one of {cls.LAST_CODE_TOKENS}, got {config['last_code_token']!r}")
+        if not 0 <= config["label_smoothing"] < 1:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {config['label_smoothing']}")
         if config["hidden_size"] % config["n_heads"]:
             raise ValueError(f"hidden_size {config['hidden_size']} is not divisible by n_heads {config['n_heads']}")
         if config["beam_size"] < max(config["topk"]):
@@ -349,26 +352,44 @@ class PRORec(SequentialRecommender):
         out = states.new_zeros(len(states), self.K + 1)  # column K takes the padding
         return out.scatter_(1, codes[nodes, :width], scores)[:, : self.K]
 
-    def teacher_forced(self, interaction, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits [B, C, K] of each code of ``items``, its codes [B, C] and the [IKD] state [B, H]."""
+    def teacher_forced(self, interaction, items: torch.Tensor, with_ikd: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Logits [B, C, K] of each code of ``items``, its codes [B, C] and, ``with_ikd``, the
+        [IKD] state [B, H] (else None). Without IKD the decoder reads only [BOS] and the first C - 1
+        code tokens: a causal decoder's states never depend on later tokens, so the last code token
+        and [IKD] would change nothing (on two-level codes, half the decoder's positions)."""
         with self.one_table():
             memory, memory_mask = self.encode(interaction)
             codes = self.codes[items]
-            B = len(items)
-            bos = torch.full((B, 1), self.bos, device=items.device)
-            ikd = torch.full((B, 1), self.ikd_token, device=items.device)
-            tokens = torch.cat([bos, self.item_tokens[items], ikd], dim=1)
+            bos = torch.full((len(items), 1), self.bos, device=items.device)
+            if with_ikd:
+                tokens = torch.cat([bos, self.item_tokens[items], torch.full_like(bos, self.ikd_token)], dim=1)
+            else:
+                tokens = torch.cat([bos, self.item_tokens[items, :-1]], dim=1)
             states = self.decode(tokens[:, None], memory, memory_mask)[:, 0]
-            return self.level_logits(states[:, : self.code_len], self.item_nodes[items]), codes, states[:, -1]
+            logits = self.level_logits(states[:, : self.code_len], self.item_nodes[items])
+            return logits, codes, states[:, -1] if with_ikd else None
 
     def calculate_loss(self, interaction) -> tuple[torch.Tensor, ...]:
         """Generation loss per code level (their sum is L_GR; a level an item's code does not
         reach adds 0 for it), then mu * L_IKD: RecBole sums the tuple, our trainer logs each part."""
         target = interaction[self.POS_ITEM_ID]
-        logits, codes, ikd_state = self.teacher_forced(interaction, target)
-        gen = F.cross_entropy(logits.transpose(1, 2), codes, ignore_index=-1, reduction="none").sum(0) / len(target)
+        logits, codes, ikd_state = self.teacher_forced(interaction, target, with_ikd=bool(self.ikd_weight))
+        gen = self.generation_loss(logits, codes)
         ikd = self.ikd_weight * self.ikd_loss(ikd_state, target) if self.ikd_weight else gen.new_zeros(())
         return (*gen.unbind(), ikd)
+
+    def generation_loss(self, logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Per-level cross-entropy [C] (summed over the batch's real code positions, divided by the
+        batch size). With ``label_smoothing`` eps the target keeps 1 - eps and eps is spread over
+        the codes that can follow the prefix (item mode: the node's children, not all K), so the
+        smoothing never asks for probability where no item exists."""
+        nll = F.cross_entropy(logits.transpose(1, 2), codes, ignore_index=-1, reduction="none")  # [B, C]
+        if self.label_smoothing:
+            valid = logits > torch.finfo(logits.dtype).min
+            uniform = -logits.log_softmax(-1).masked_fill(~valid, 0).sum(-1) / valid.sum(-1).clamp(min=1)
+            nll = (1 - self.label_smoothing) * nll + self.label_smoothing * uniform.masked_fill(codes < 0, 0)
+        return nll.sum(0) / len(codes)
 
     def ikd_loss(self, state: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """-log softmax of sim(h, z_target) against sim(h, z_negative) (cosine / tau)."""

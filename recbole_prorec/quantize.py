@@ -111,8 +111,30 @@ def _kmeans(points: np.ndarray, K: int, seed: int, n_init: int, max_iter: int) -
         return KMeans(n_clusters=K, n_init=n_init, max_iter=max_iter, random_state=seed).fit(points)
 
 
+def balanced_labels(dist: np.ndarray, capacity: int) -> np.ndarray:
+    """Cluster of each point [n] given its distances to the centres [n, K], no cluster holding
+    more than ``capacity`` points (K * capacity >= n). In rounds, every unplaced point proposes
+    to its nearest centre with room and each centre keeps its closest proposers up to its room,
+    so points go to their nearest centre whenever capacity allows."""
+    n, K = dist.shape
+    if K * capacity < n:
+        raise ValueError(f"{K} clusters of at most {capacity} cannot hold {n} points")
+    dist = dist.astype(np.float64, copy=True)
+    labels, room = np.full(n, -1), np.full(K, capacity)
+    while (free := np.flatnonzero(labels < 0)).size:
+        choice = dist[free].argmin(1)
+        order = np.lexsort((dist[free, choice], choice))  # by centre, closest first
+        chosen = choice[order]
+        rank = np.arange(len(order)) - np.searchsorted(chosen, chosen)  # place in its centre's queue
+        keep = rank < room[chosen]
+        labels[free[order[keep]]] = chosen[keep]
+        room -= np.bincount(chosen[keep], minlength=K)
+        dist[:, room == 0] = np.inf
+    return labels
+
+
 def hkmeans(emb: np.ndarray, K: int = 256, seed: int = 2020, n_init: int = 1,
-            max_iter: int = 100, show_progress: bool = True) -> Codes:
+            max_iter: int = 100, show_progress: bool = True, balanced: bool = False) -> Codes:
     """Hierarchical k-means codes, as in PRORec.
 
     K-means with K clusters splits every node holding more than K items; the code is the
@@ -122,7 +144,9 @@ def hkmeans(emb: np.ndarray, K: int = 256, seed: int = 2020, n_init: int = 1,
     length. Items sharing a length-l prefix were in the same cluster at level l.
 
     A node k-means cannot split (all its points identical) is enumerated with fixed-length
-    base-K indices; its items count as ``collisions_resolved``. Full-batch sklearn KMeans with
+    base-K indices; its items count as ``collisions_resolved``. ``balanced`` caps every cluster
+    at ceil(items / K) (``balanced_labels`` on k-means' centres), so a level's codes are equally
+    likely a priori and no leaf node has more than that many children. Full-batch sklearn KMeans with
     ``n_init=1`` is used: most nodes are small, and on 2 cores one 12k x 64 top-level fit
     takes seconds, so MiniBatchKMeans' noisier clusters are not worth it.
     """
@@ -137,7 +161,10 @@ def hkmeans(emb: np.ndarray, K: int = 256, seed: int = 2020, n_init: int = 1,
             _assign(codes, members, prefix, K)
             progress.update(len(members))
             continue
-        labels = _kmeans(emb[members], K, seed, n_init, max_iter).labels_
+        fitted = _kmeans(emb[members], K, seed, n_init, max_iter)
+        labels = fitted.labels_
+        if balanced:
+            labels = balanced_labels(fitted.transform(emb[members]), -(-len(members) // K))
         clusters = np.unique(labels)
         if len(clusters) == 1:  # identical points: k-means cannot separate them
             _assign(codes, members, prefix, K)

@@ -40,6 +40,9 @@ IGNORED_KEYS = {
     # where the inputs lie; their bytes are hashed instead (stage1_key)
     "data_path", "semantic_embedding_file",
 }
+# Keys added after artifacts were cached, hashed only when set away from their default, so adding
+# an option does not retrain every existing Stage I.
+HASHED_WHEN_SET = {"hkmeans_balanced": False}
 
 
 def stage1_config(dataset: str, config_files: Sequence[str], overrides: Mapping[str, Any]) -> ProjectConfig:
@@ -57,7 +60,8 @@ def stage1_key(config: ProjectConfig) -> str:
     so are the input files' paths and dates: a copy of the dataset elsewhere (another machine, a
     fresh checkout) reuses the same Stage I output, an edited file does not."""
     known = config.known_keys | {"dataset"}
-    relevant = {k: v for k, v in plain_config(config).items() if k in known and k not in IGNORED_KEYS}
+    relevant = {k: v for k, v in plain_config(config).items() if k in known and k not in IGNORED_KEYS
+                and not (k in HASHED_WHEN_SET and v == HASHED_WHEN_SET[k])}
     folder = Path(config["data_path"])
     inputs = {suffix: folder / f"{config['dataset']}.{suffix}" for suffix in ("inter", "item")}
     if config["semantic_embedding_file"]:
@@ -152,7 +156,8 @@ def check_settings(config, artifact: Artifact, source: Path) -> None:
 
 def quantizer_kwargs(config) -> dict:
     if config["quantizer"] == "hkmeans":
-        return {"n_init": config["hkmeans_n_init"], "show_progress": config["show_progress"]}
+        return {"n_init": config["hkmeans_n_init"], "balanced": config["hkmeans_balanced"],
+                "show_progress": config["show_progress"]}
     if config["quantizer"] == "rqvae":
         return {"levels": config["rqvae_levels"], "epochs": config["rqvae_epochs"],
                 "show_progress": config["show_progress"]}

@@ -167,6 +167,25 @@ def test_ikd_weight_zero_turns_ikd_off(stage2):
     assert not hasattr(plain, "integrated") and not hasattr(plain, "ikd_proj")  # Stage I's embeddings unread
 
 
+def test_without_ikd_the_decoder_skips_the_positions_no_loss_reads(stage2):
+    """The causal decoder's code logits cannot depend on the last code token or [IKD], so
+    dropping them (ikd_weight 0, predict) changes no number; the IKD state exists only with IKD."""
+    _, _, (train, _, _) = stage2
+    model = randomise(make_prorec(stage2), 11).eval()
+    batch = first_batch(train)
+    target = batch[model.POS_ITEM_ID]
+    with torch.no_grad():
+        full, codes, state = model.teacher_forced(batch, target, with_ikd=True)
+        short, same_codes, none = model.teacher_forced(batch, target)
+        model.ikd_weight = 0.0
+        *gen, ikd = model.calculate_loss(batch)
+    assert state.shape == (len(target), model.hidden) and none is None
+    assert torch.equal(codes, same_codes)
+    torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.stack(gen), model.generation_loss(full, codes), rtol=1e-5, atol=1e-5)
+    assert ikd.item() == 0
+
+
 def chance_loss(model: PRORec, targets: torch.Tensor) -> float:
     """Mean generation loss of a uniform guess: log K per code position (shared head), or the log
     of the number of children of the prefix at each position (item mode scores only those)."""
@@ -268,6 +287,33 @@ def test_generation_loss_is_reported_per_code_level(stage2):
         real = codes[:, level] >= 0
         expected = F.cross_entropy(logits[real, level], codes[real, level], reduction="sum") / len(codes)
         torch.testing.assert_close(part, expected)
+
+
+@pytest.mark.parametrize("last_code_token", ["item", "shared"])
+def test_label_smoothing_spreads_eps_over_the_codes_that_can_follow(stage2, last_code_token):
+    _, _, (train, _, _) = stage2
+    model = randomise(make_prorec(stage2, last_code_token=last_code_token, label_smoothing=0.2), 10).eval()
+    batch = first_batch(train)
+    with torch.no_grad():
+        logits, codes, _ = model.teacher_forced(batch, batch[model.POS_ITEM_ID])
+        smoothed = model.generation_loss(logits, codes)
+        model.label_smoothing = 0.0
+        plain = model.generation_loss(logits, codes)
+    assert torch.isfinite(smoothed).all() and not torch.allclose(smoothed, plain)
+    nodes = model.item_nodes[batch[model.POS_ITEM_ID]]
+    for level in range(model.code_len):
+        real = codes[:, level] >= 0
+        logp = logits[real, level].log_softmax(-1)
+        if last_code_token == "item":  # eps goes to the node's children only
+            allowed = model.trie.children[level][nodes[real, level]] >= 0
+        else:  # the shared head may put probability on every code
+            allowed = torch.ones_like(logp, dtype=torch.bool)
+        target = torch.zeros_like(logp).masked_fill(allowed, 0.2) / allowed.sum(1, keepdim=True)
+        target[torch.arange(len(target)), codes[real, level]] += 0.8
+        expected = -(target * logp.masked_fill(~allowed, 0)).sum() / len(codes)
+        torch.testing.assert_close(smoothed[level], expected)
+    with pytest.raises(ValueError, match="label_smoothing must lie in"):
+        make_prorec(stage2, label_smoothing=1.0)
 
 
 @pytest.mark.parametrize("last_code_token", ["item", "shared"])

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 
-from recbole_prorec.quantize import Codes, hkmeans, quantize, random_codes, rqvae
+from recbole_prorec.quantize import Codes, balanced_labels, hkmeans, quantize, random_codes, rqvae
 
 
 def _blobs(n: int, dim: int = 8, centers: int = 20, seed: int = 0) -> np.ndarray:
@@ -47,6 +47,35 @@ def test_hkmeans_codes_follow_cluster_tree():
                 children.setdefault(code[:level], set()).add(code[level])
         assert max(len(c) for c in children.values()) <= K
     assert quantize(emb, "hkmeans", K=K, seed=seed).codes == result.codes
+
+
+def test_balanced_labels_fill_nearest_centres_up_to_capacity():
+    rng = np.random.default_rng(0)
+    dist = rng.random((103, 10))
+    labels = balanced_labels(dist, capacity=11)
+    assert labels.min() >= 0 and np.bincount(labels, minlength=10).max() <= 11
+    # a point is never kept from a nearer centre that ended with room to spare
+    counts = np.bincount(labels, minlength=10)
+    nearer = dist < dist[np.arange(103), labels][:, None]
+    assert not (nearer & (counts < 11)[None, :]).any()
+    assert (balanced_labels(dist, capacity=103) == dist.argmin(1)).all()  # no cap: plain nearest centre
+    # three points all nearest to centre 0, room for two: the farthest goes to its second choice
+    dist = np.array([[0.1, 0.9], [0.2, 0.5], [0.3, 0.4]])
+    assert balanced_labels(dist, capacity=2).tolist() == [0, 0, 1]
+    with pytest.raises(ValueError, match="2 clusters of at most 1 cannot hold 3 points"):
+        balanced_labels(dist, capacity=1)
+
+
+def test_balanced_hkmeans_caps_every_cluster():
+    emb, K = _blobs(600), 8  # 20 blobs of unequal size: plain k-means clusters differ in size
+    plain, balanced = hkmeans(emb, K=K, seed=3), hkmeans(emb, K=K, seed=3, balanced=True)
+    _assert_prefix_free(balanced.codes)
+    assert len(balanced.codes) == 600
+
+    def sizes(codes, depth):  # items under each prefix of length depth
+        return np.unique([code[:depth] for code in codes], axis=0, return_counts=True)[1]
+
+    assert sizes(balanced.codes, 1).max() <= -(-600 // K) < sizes(plain.codes, 1).max()
 
 
 def test_hkmeans_duplicate_points_get_unique_codes():
