@@ -264,9 +264,11 @@ class Report:
         self.parts += [text, ""]
 
     def save(self, out: str | None) -> None:
-        if out:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text("\n".join(self.parts), encoding="utf-8")
+        if out:  # whole or not at all: an earlier table survives a failed write
+            from recbole_prorec.files import atomic_file
+
+            with atomic_file(out) as f:
+                f.write("\n".join(self.parts))
             print(f"report written to {out}")
 
 

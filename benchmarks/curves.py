@@ -23,6 +23,7 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Report, add_run_arguments, base_parser, markdown_table, run_overrides, setup  # noqa: E402
+from recbole_prorec.files import atomic_file  # noqa: E402
 
 METRICS = ("recall@10", "ndcg@10")
 DIAGNOSTICS = ("first_code_in_beam", "item_in_beam")
@@ -44,7 +45,8 @@ def train_curves(labels: Sequence[str], seeds: Sequence[int], dataset: str, file
                 print(f"  {name} seed {seed} epoch {entry['epoch']}: ndcg@10 {entry.get('ndcg@10', float('nan')):.4f}, "
                       f"recall@10 {entry.get('recall@10', float('nan')):.4f}, {entry['elapsed_s']:.0f}s", flush=True)
             if save:
-                save.write_text(json.dumps(records, indent=1), encoding="utf-8")
+                with atomic_file(save) as f:  # a crash while writing keeps the earlier runs
+                    f.write(json.dumps(records, indent=1))
     return records
 
 

@@ -34,6 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (QUICK, ROOT, Report, add_run_arguments, base_parser, environment, markdown_table,  # noqa: E402
                     run_overrides, setup)
+from recbole_prorec.files import atomic_file  # noqa: E402
 
 OUT_DIR = ROOT / "docs" / "analysis"
 
@@ -210,10 +211,8 @@ def train_rows(args, name: str, files: Sequence[str], overrides: dict,
                        "run": True, "date": str(date.today()), "hardware": hardware(),
                        "curve": result.curve,  # per validated epoch: outlives the log
                        "key": key}
-        ledger_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ledger_file.with_name(ledger_file.name + ".tmp")  # each row as soon as it is done; a crash
-        tmp.write_text(json.dumps(ledger, indent=1), encoding="utf-8")  # while writing keeps the old ledger
-        tmp.replace(ledger_file)
+        with atomic_file(ledger_file) as f:  # each row as soon as it is done; a crash keeps the old ledger
+            f.write(json.dumps(ledger, indent=1))
         out.append(ledger[row])
     return out
 

@@ -42,6 +42,7 @@ from sklearn.linear_model import RidgeCV
 
 from recbole_prorec.artifact import REPORT_FILE, UNICODE_FIELD, embedding_files
 from recbole_prorec.config import plain_config
+from recbole_prorec.files import atomic_file
 from recbole_prorec.prorec_din import semantic_embeddings
 from recbole_prorec.build import load_data
 from recbole_prorec.quick_start import checkpoint_config, load_data_and_model
@@ -293,5 +294,6 @@ def grow_checkpoint(model_file: Path, model, dataset, artifact: Path, warm_emb: 
     saved.update(config=plain_config(config), state_dict=state)
     saved.pop("optimizer", None)  # a checkpoint to recommend with, not to go on training
     target = model_file.with_name(f"{model_file.stem}-{artifact.parent.name.rsplit('-', 1)[-1]}-{item_weights}.pth")
-    torch.save(saved, target)
+    with atomic_file(target, binary=True) as handle:
+        torch.save(saved, handle)
     return target

@@ -30,14 +30,16 @@ import math
 import os
 import re
 import sys
-import tempfile
 import zlib
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from logging import INFO, basicConfig, getLogger
 from pathlib import Path
 
 import pandas as pd
 from tqdm import tqdm
+
+from recbole_prorec.files import atomic_file
 
 logger = getLogger(__name__)
 
@@ -221,22 +223,13 @@ def quote_cell(value: str) -> str:
 
 
 def _write_all(files: dict[Path, tuple[tuple[str, ...], Iterable[Iterable[str]]]]) -> None:
-    """Write every file to a temp file first, then os.replace all: no half-written outputs."""
-    temps: dict[Path, Path] = {}
-    try:
+    """Write every file, replacing the targets only once all are written: no half-written outputs."""
+    with ExitStack() as stack:
         for target, (header, rows) in files.items():
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-            temps[target] = Path(tmp)
-            os.chmod(fd, 0o644)  # mkstemp's 0600 would hide shared datasets from others
-            with open(fd, "w", encoding="utf-8", newline="\n") as f:
-                f.write("\t".join(header) + "\n")
-                for row in rows:
-                    f.write("\t".join(quote_cell(c) for c in row) + "\n")
-        for target, tmp in temps.items():
-            os.replace(tmp, target)
-    finally:
-        for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
+            f = stack.enter_context(atomic_file(target))
+            f.write("\t".join(header) + "\n")
+            for row in rows:
+                f.write("\t".join(quote_cell(c) for c in row) + "\n")
 
 
 def _output_paths(

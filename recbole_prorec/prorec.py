@@ -340,17 +340,18 @@ class PRORec(SequentialRecommender):
         table = self.token_table()[self.item_offset :]
         codes, items = (getattr(self, f"leaf_{part}_{level}") for part in ("codes", "items"))
         if torch.is_grad_enabled():
-            width = int((codes[nodes] < self.K).sum(1).max())  # the batch's widest node
-            items = items[nodes, :width]
+            codes = codes[nodes]
+            width = int((codes < self.K).sum(1).max())  # the batch's widest node
+            codes, items = codes[:, :width], items[nodes, :width]
             scores = torch.bmm(F.embedding(items, table), states[:, :, None]).squeeze(-1) + self.item_bias[items]
         else:
             uniq, inv = nodes.unique(return_inverse=True)
             order = inv.argsort()
             groups = states[order].split(torch.bincount(inv, minlength=len(uniq)).tolist())
             scores = torch.cat([rows @ table[items[u]].T + self.item_bias[items[u]] for u, rows in zip(uniq, groups)])
-            scores, width = torch.empty_like(scores).index_copy_(0, order, scores), items.shape[1]
+            scores, codes = torch.empty_like(scores).index_copy_(0, order, scores), codes[nodes]
         out = states.new_zeros(len(states), self.K + 1)  # column K takes the padding
-        return out.scatter_(1, codes[nodes, :width], scores)[:, : self.K]
+        return out.scatter_(1, codes, scores)[:, : self.K]
 
     def teacher_forced(self, interaction, items: torch.Tensor, with_ikd: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -384,12 +385,13 @@ class PRORec(SequentialRecommender):
         batch size). With ``label_smoothing`` eps the target keeps 1 - eps and eps is spread over
         the codes that can follow the prefix (item mode: the node's children, not all K), so the
         smoothing never asks for probability where no item exists."""
-        nll = F.cross_entropy(logits.transpose(1, 2), codes, ignore_index=-1, reduction="none")  # [B, C]
+        logp = logits.log_softmax(-1)  # [B, C, K]
+        nll = -logp.gather(-1, codes.clamp(min=0)[..., None]).squeeze(-1)
         if self.label_smoothing:
             valid = logits > torch.finfo(logits.dtype).min
-            uniform = -logits.log_softmax(-1).masked_fill(~valid, 0).sum(-1) / valid.sum(-1).clamp(min=1)
-            nll = (1 - self.label_smoothing) * nll + self.label_smoothing * uniform.masked_fill(codes < 0, 0)
-        return nll.sum(0) / len(codes)
+            uniform = -logp.masked_fill(~valid, 0).sum(-1) / valid.sum(-1).clamp(min=1)
+            nll = (1 - self.label_smoothing) * nll + self.label_smoothing * uniform
+        return nll.masked_fill(codes < 0, 0).sum(0) / len(codes)
 
     def ikd_loss(self, state: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """-log softmax of sim(h, z_target) against sim(h, z_negative) (cosine / tau)."""

@@ -10,9 +10,7 @@ from __future__ import annotations
 import hashlib
 import html
 import json
-import os
 import string
-import tempfile
 import time
 from logging import getLogger
 from pathlib import Path
@@ -21,6 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
+
+from recbole_prorec.files import atomic_file
 
 logger = getLogger()
 
@@ -124,19 +124,6 @@ def _cache_key(texts: list[str], encoder: str, pooling: str, max_length: int,
     return digest.hexdigest()
 
 
-def _save_atomic(array: np.ndarray, path: Path) -> None:
-    """Write via a temp file + os.replace so a crash never leaves a truncated cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _resolve_encoder(encoder: str) -> tuple[str, bool]:
     """Return (path or hub name, local_files_only); the default name maps to bundled weights."""
     if encoder == DEFAULT_ENCODER:
@@ -237,7 +224,8 @@ def encode_texts(
     result = np.empty((len(texts), chunks[0].shape[1]), dtype=np.float32)
     result[order] = torch.cat(chunks).numpy()
     if cache_file is not None:
-        _save_atomic(result, cache_file)
+        with atomic_file(cache_file, binary=True) as handle:
+            np.save(handle, result)
     return result
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import os
 import random
 import signal
 import threading
@@ -32,6 +31,7 @@ from recbole.utils import set_color
 
 from recbole_prorec import distributed as ddp
 from recbole_prorec.config import plain_config
+from recbole_prorec.files import atomic_file
 
 
 SCHEDULES = ("constant", "inverse_sqrt", "cosine")
@@ -378,7 +378,8 @@ class SafeTrainer(Trainer):
             return
         self.best_epoch = epoch
         saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
-        torch.save(self._checkpoint_state(epoch), saved_model_file)
+        with atomic_file(saved_model_file, binary=True) as handle:  # a crash keeps the last best
+            torch.save(self._checkpoint_state(epoch), handle)
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
 
@@ -400,8 +401,8 @@ class SafeTrainer(Trainer):
             "rng": _rng_states(loader_generator),
         }
         path = str(Path(self.saved_model_file).with_suffix(RESUME_SUFFIX))
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        with atomic_file(path, binary=True) as handle:
+            torch.save(state, handle)
         self.resume_file = path
 
     def resume_checkpoint(self, resume_file):
@@ -494,5 +495,6 @@ class SafePretrainer(SafeTrainer, PretrainTrainer):
         if not ddp.is_main(self.config):
             return
         state = {"config": plain_config(self.config), "epoch": int(epoch), "state_dict": self.model.state_dict()}
-        torch.save(state, saved_model_file)
+        with atomic_file(saved_model_file, binary=True) as handle:
+            torch.save(state, handle)
         self.saved_model_file = saved_model_file
