@@ -46,10 +46,11 @@ def brute_force(model: PRORec, batch: Interaction) -> torch.Tensor:
 # --------------------------------------------------------------------------- encoder packing
 
 
-def test_a_users_scores_do_not_depend_on_the_rest_of_the_batch(stage2):
+@pytest.mark.parametrize("history_tokens", ["codes", "item"])
+def test_a_users_scores_do_not_depend_on_the_rest_of_the_batch(stage2, history_tokens):
     """The encoder packs real history tokens; padding and batch neighbours must not leak in."""
     _, _, (train, _, _) = stage2
-    model = randomise(make_prorec(stage2), seed=3, std=0.1).eval()
+    model = randomise(make_prorec(stage2, history_tokens=history_tokens), seed=3, std=0.1).eval()
     batch = first_batch(train)
     lengths = batch[model.ITEM_SEQ_LEN]
     assert lengths.min() < lengths.max()  # the batch mixes short and long histories
@@ -63,13 +64,37 @@ def test_a_users_scores_do_not_depend_on_the_rest_of_the_batch(stage2):
             torch.testing.assert_close(model.predict(alone), together[i : i + 1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("last_code_token", ["item", "shared"])
+def test_item_history_tokens_are_the_sums_of_each_items_code_embeddings(stage2, last_code_token):
+    """``history_tokens: item``: the encoder reads one token per real history item (not one per
+    code token), the sum of the embeddings of the item's code tokens plus its recency position."""
+    _, _, (train, _, _) = stage2
+    model = randomise(make_prorec(stage2, history_tokens="item", last_code_token=last_code_token), 4, 0.1).eval()
+    batch = first_batch(train)
+    seq, lengths = batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN]
+    seen = []
+    model.encoder[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        _, mask = model.encode(batch)
+        table = model.token_table()
+    assert torch.equal(mask.sum((1, 2, 3)), lengths)
+    expected = []
+    for row, n in zip(seq, lengths.tolist()):
+        for position, item in enumerate(row[:n].tolist()):
+            tokens = model.item_tokens[item]
+            expected.append(table[tokens[tokens != 0]].sum(0) + model.item_position.weight[n - 1 - position])
+    torch.testing.assert_close(seen[0], torch.stack(expected))
+
+
 # --------------------------------------------------------------------------- beam search
 
 
-FORMS = {"item": {"integrated_item_tokens": False}, "shared": {"last_code_token": "shared"}, "integrated": {}}
+FORMS = {"item": {"integrated_item_tokens": False}, "shared": {"last_code_token": "shared"}, "integrated": {},
+         "item history": {"history_tokens": "item"}}
 
 
-@pytest.mark.parametrize("seed,form", [(0, "item"), (1, "item"), (0, "shared"), (1, "shared"), (0, "integrated")])
+@pytest.mark.parametrize("seed,form", [(0, "item"), (1, "item"), (0, "shared"), (1, "shared"), (0, "integrated"),
+                                       (0, "item history")])
 def test_beam_search_is_the_brute_force_top_k(stage2, seed, form):
     """With beam_size >= n_items nothing is pruned: beams = exact top-k of all code likelihoods."""
     config, _, (_, _, test) = stage2
@@ -200,7 +225,7 @@ def chance_loss(model: PRORec, targets: torch.Tensor) -> float:
     return total.mean().item()
 
 
-@pytest.mark.parametrize("form", ["item", "shared", "integrated"])
+@pytest.mark.parametrize("form", ["item", "shared", "integrated", "item history"])
 def test_training_lowers_both_losses(stage2, form):
     _, _, (train, _, _) = stage2
     model = make_prorec(stage2, **FORMS[form])
@@ -406,9 +431,11 @@ def test_item_scores_are_the_same_with_and_without_gradients(stage2, form):
     torch.testing.assert_close(grouped, dense.detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_unknown_last_code_token_is_refused(stage2):
+def test_unknown_last_code_token_or_history_tokens_is_refused(stage2):
     with pytest.raises(ValueError, match="last_code_token must be one of"):
         make_prorec(stage2, last_code_token="items")
+    with pytest.raises(ValueError, match=r"history_tokens must be one of \('codes', 'item'\), got 'items'"):
+        make_prorec(stage2, history_tokens="items")
 
 
 def test_beam_diagnostics_count_first_codes_and_targets(stage2):
@@ -520,3 +547,30 @@ def test_dropout_keeps_the_expectation_and_drops_a_share_p(p):
     assert drop(x) is x
     assert PRORecDropout(0.0)(x) is x
     assert torch.equal(PRORecDropout(1.0)(x), torch.zeros_like(x))
+
+
+def test_attention_equals_torch_sdpa_and_survives_a_row_without_keys():
+    """PRORecAttention.attend writes attention out (faster than CPU flash attention at these
+    lengths): it must give F.scaled_dot_product_attention's numbers and gradients under causal and
+    key-padding masks, and a query row that may attend to nothing gets a finite average of the
+    values instead of NaN."""
+    from recbole_prorec.prorec import PRORecAttention
+
+    torch.manual_seed(0)
+    attn = PRORecAttention(hidden=16, heads=4, dropout=0.0)
+    q, k, v = (torch.randn(3, n, 16, requires_grad=True) for n in (5, 7, 7))
+    real = torch.tensor([[1] * 7, [1] * 3 + [0] * 4, [1] + [0] * 6], dtype=torch.bool)
+    masks = [real[:, None, None], torch.ones(5, 7, dtype=torch.bool).tril()[None, None] & real[:, None, None]]
+    for mask in masks:
+        ours = attn.attend(q, k, v, mask)
+        heads = [t.unflatten(-1, (4, 4)).transpose(1, 2) for t in (q, k, v)]
+        ref = F.scaled_dot_product_attention(*heads, mask).transpose(1, 2).flatten(2)
+        assert ours.shape == (3, 5, 16)
+        assert torch.allclose(ours, ref, atol=1e-6)
+        grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+        ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, ref_grads))
+    nothing = torch.zeros(3, 1, 1, 7, dtype=torch.bool)
+    out = attn.attend(q, k, v, nothing)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out, v.mean(1, keepdim=True).expand_as(out), atol=1e-6)
