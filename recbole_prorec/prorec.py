@@ -100,7 +100,7 @@ class PRORecAttention(nn.Module):
 
         Written out rather than ``F.scaled_dot_product_attention``: at these lengths (T <= 4 decoder
         positions, S <= 40 history tokens) CPU flash attention's per-block overhead dominates, and
-        the explicit products make a Beauty training step 13-17 % faster (docs/RESULTS.md, session 11).
+        the explicit products made a Beauty training step 12-17 % faster on our CPU (docs/RESULTS.md, session 11).
         A masked score takes the most negative finite value, so a row with no key to attend to
         averages its values instead of turning into NaN."""
         q, k, v = self._heads(q), self._heads(k), self._heads(v)

@@ -16,7 +16,7 @@ from recbole_prorec.config import ProjectConfig, plain_config
 from recbole_prorec.distributed import DDP_KEYS
 from recbole_prorec.logs import start_log
 from recbole_prorec.registry import ModelSpec, resolve_model
-from recbole_prorec.trainer import SafeTrainer, load_checkpoint
+from recbole_prorec.trainer import ARCHITECTURE_KEYS, SafeTrainer, load_checkpoint
 
 # Keys of a saved config that describe the machine or the data's place, not the run's settings.
 MACHINE_KEYS = {"data_path", "device", "gpu_id", "use_gpu", "single_spec", "checkpoint_dir", *DDP_KEYS}
@@ -61,8 +61,9 @@ def run(
 def checkpoint_config(model_file: str | Path, data_folder: Path | None = None,
                       extra: Mapping[str, Any] | None = None) -> tuple[ModelSpec, ProjectConfig]:
     """The config of the run that saved ``model_file``, rebuilt from the settings it records (only
-    those that differ from the defaults are replayed); ``data_folder`` replaces its data's folder
-    and ``extra`` settings are added."""
+    those that differ from the defaults are replayed, and an architecture key the checkpoint
+    predates takes the value its weights were trained with); ``data_folder`` replaces its data's
+    folder and ``extra`` settings are added."""
     saved = load_checkpoint(str(model_file))["config"]
     spec = resolve_model(saved.get("model_label") or saved["model"])
     if data_folder is not None and not (data_folder / saved["dataset"]).is_dir():
@@ -75,6 +76,7 @@ def checkpoint_config(model_file: str | Path, data_folder: Path | None = None,
         folder = None  # the data moved: look for the dataset where a run would
     defaults = plain_config(ProjectConfig(spec, saved["dataset"], data_folder=folder))
     overrides = {k: v for k, v in saved.items() if k not in MACHINE_KEYS and defaults.get(k, object()) != v}
+    overrides.update({k: was for k, was in ARCHITECTURE_KEYS.items() if k in defaults and k not in saved})
     overrides.update(extra or {})
     return spec, ProjectConfig(spec, saved["dataset"], (), overrides, data_folder=folder)
 

@@ -35,7 +35,7 @@ from recbole_prorec.files import atomic_file
 
 
 SCHEDULES = ("constant", "inverse_sqrt", "cosine")
-# keys that change a model's weights, with the value of checkpoints written before the key existed
+# keys that change what a model's weights compute, with the value of checkpoints written before the key existed
 ARCHITECTURE_KEYS = {"last_code_token": "shared", "integrated_item_tokens": False, "history_tokens": "codes"}
 # settings a resumed run may change without a warning: where output goes and how it is shown
 RESUME_FREE_KEYS = {"show_progress", "train_time_budget", "epochs", "log_wandb", "state", "gpu_id", "device",

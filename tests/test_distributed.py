@@ -72,15 +72,24 @@ def test_two_processes_evaluate_a_checkpoint_as_one_does(tiny_overrides, tmp_pat
     assert Path(trained.checkpoint).is_file()
 
 
-def test_two_processes_train_to_the_validation_metrics_of_one_within_tolerance(tiny_overrides, tmp_path):
+def test_two_processes_train_as_one_does_within_tolerance(tiny_overrides, tmp_path):
     """Not bit-identical by design (each rank shuffles its own half and draws its own dropout), so
-    the stated tolerance: 0.05 on the tiny set's 60 validation users, 3 users' worth (measured
-    after 1 epoch: NDCG@10 .1163 against .1210, Recall@20 .4833 against .5000; after 5: .1355
-    against .1437, .4333 against .4833)."""
+    stated tolerances, over 12 epochs on the tiny set: the generation loss falls alike (the curves
+    of one and two processes within 0.06 at every epoch; measured: within 0.04 over two seeds and
+    both history forms) and validation NDCG@10 within 0.05 (measured: within 0.012). Recall@20 is
+    not compared: with 42 items (history items excluded) chance alone is near .5, and 60 users' noise
+    reached .15."""
     from recbole_prorec.runner import run, run_distributed
 
-    overrides = tiny_overrides(checkpoint_dir=str(tmp_path))
+    overrides = tiny_overrides(checkpoint_dir=str(tmp_path), epochs=12, stopping_step=20)
     one = run("PRORec", DATASET, [], overrides, evaluate_test=False)
     two = run_distributed("PRORec", DATASET, [], overrides, 2)
-    for metric in ("ndcg@10", "recall@20"):
-        assert abs(one.valid[metric] - two.valid[metric]) <= 0.05 and two.valid[metric] > 0
+
+    def generation_loss(curve: list[dict]) -> list[float]:
+        return [sum(v for k, v in epoch.items() if k.startswith("gen_")) for epoch in curve]
+
+    ones, twos = generation_loss(one.curve), generation_loss(two.curve)
+    assert len(ones) == len(twos) == 12
+    assert ones[-1] < ones[0] - 0.1 and twos[-1] < twos[0] - 0.1
+    assert max(abs(a - b) for a, b in zip(ones, twos)) <= 0.06
+    assert abs(one.valid["ndcg@10"] - two.valid["ndcg@10"]) <= 0.05 and two.valid["ndcg@10"] > 0

@@ -129,3 +129,22 @@ def test_recommend_scores_many_users_in_batches_as_one_by_one(trained_prorec):
         assert alone.scores == pytest.approx(together[row].scores, abs=1e-5)
     with pytest.raises(ValueError, match="no user ids or histories given"):
         recommend(trained_prorec, user_ids=[])
+
+
+def test_a_checkpoint_older_than_an_architecture_key_reloads_in_the_form_it_was_trained_in(tiny_overrides, tmp_path):
+    """history_tokens came after checkpoints read histories as code tokens (today's default is one
+    token per item): such a checkpoint, without the key, must reload with history_tokens='codes'
+    and give its run's test result, not be refused or rebuilt in today's form."""
+    from recbole_prorec import load_data_and_model, run
+    from recbole_prorec.trainer import SafeTrainer, load_checkpoint
+
+    result = run("PRORec", DATASET, config_dict=tiny_overrides(checkpoint_dir=str(tmp_path / "saved"), history_tokens="codes"))
+    (src,) = (tmp_path / "saved").glob("PRORec-*.pth")
+    state = load_checkpoint(str(src))
+    del state["config"]["history_tokens"]
+    old = tmp_path / "old.pth"
+    torch.save(state, old)
+    config, model, *_, test = load_data_and_model(old)
+    assert config["history_tokens"] == "codes" and not model.history_per_item
+    again = SafeTrainer(config, model).evaluate(test, load_best_model=False)
+    assert dict(again) == pytest.approx(dict(result["test_result"]), abs=1e-4)
