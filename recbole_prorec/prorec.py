@@ -74,8 +74,10 @@ class PRORecDropout(nn.Dropout):
 class PRORecAttention(nn.Module):
     """Multi-head attention with one fused q/k/v projection whose k/v part can be applied alone.
 
-    Cross-attention projects the encoder states to keys and values once (``key_value``) and reuses
-    them for every decoding step; ``attend`` returns the heads concatenated, before ``out``. Keys and
+    In beam search, cross-attention projects the encoder states to keys and values once
+    (``key_value``) and reuses them for every decoding step; in training, where a user has fewer
+    decoder positions than history tokens, ``attend_states`` reads the states unprojected.
+    ``attend`` returns the heads concatenated, before ``out``. Keys and
     values travel as separate tensors: splitting a fused [.., 2H] one would make its backward
     concatenate a padded [B, N', 2H] gradient in every decoder layer.
     """
@@ -108,6 +110,26 @@ class PRORecAttention(nn.Module):
         scores = q @ k.transpose(-1, -2)
         weights = self.weight_dropout(scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1))
         return (weights @ v).transpose(1, 2).flatten(2)
+
+    def attend_states(self, q: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``attend(q, *key_value(states), mask)`` without projecting ``states`` [N, S, H] to keys and
+        values: the key projection moves onto the queries (per head, q_h . W_k,h s = (W_k,h^T q_h) . s;
+        the key bias adds a constant per query, which the softmax ignores) and the value projection
+        onto the weighted sum of states (weights summing to w give W_v,h (sum a s) + w b_v,h). Cheaper
+        when a user has fewer queries than history tokens, as in training (4 decoder positions against
+        20 history items on ml-100k): the states are not projected once per decoder layer.
+        q [N, T, H] as from ``query``, mask [N, 1, S] (True = attend); returns [N, T, H] like ``attend``."""
+        (N, T, H), heads = q.shape, self.heads
+        w_k, w_v = (w.view(heads, H // heads, H) for w in self.qkv.weight[H:].chunk(2))
+        q = q.reshape(N * T, heads, -1).transpose(0, 1) * (H // heads) ** -0.5  # [heads, N*T, d]
+        q = torch.bmm(q, w_k).view(heads, N, T, H).transpose(0, 1).reshape(N, heads * T, H)
+        scores = torch.bmm(q, states.transpose(1, 2))  # [N, heads*T, S]
+        weights = self.weight_dropout(scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1))
+        mixed = torch.bmm(weights, states).view(N, heads, T, H).transpose(0, 1).reshape(heads, N * T, H)
+        bias = self.qkv.bias[2 * H :].view(heads, 1, -1)
+        total = weights.sum(-1).view(N, heads, T).transpose(0, 1).reshape(heads, N * T, 1)  # 1 without dropout
+        out = torch.baddbmm(bias * total, mixed, w_v.transpose(1, 2))  # [heads, N*T, d]
+        return out.transpose(0, 1).reshape(N, T, H)
 
 
 class PRORecFeedForward(nn.Sequential):
@@ -149,12 +171,18 @@ class PRORecDecoderLayer(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(3))
         self.dropout = PRORecDropout(dropout)
 
-    def forward(self, x, self_mask, memory_kv: tuple[torch.Tensor, torch.Tensor], memory_mask) -> torch.Tensor:
+    def forward(self, x, self_mask, memory: torch.Tensor | tuple[torch.Tensor, torch.Tensor], memory_mask) -> torch.Tensor:
+        """``memory``: this layer's cross-attention keys and values, or the encoder states [B, N', H]
+        themselves (``PRORec.encode``)."""
         B, W, T, H = x.shape
         q, k, v = self.self_attn.qkv(self.norms[0](x)).view(B * W, T, 3 * H).chunk(3, dim=-1)
         x = x + self.dropout(self.self_attn.out(self.self_attn.attend(q, k, v, self_mask))).view(B, W, T, H)
         q = self.cross_attn.query(self.norms[1](x)).view(B, W * T, H)
-        x = x + self.dropout(self.cross_attn.out(self.cross_attn.attend(q, *memory_kv, memory_mask))).view(B, W, T, H)
+        if isinstance(memory, tuple):
+            h = self.cross_attn.attend(q, *memory, memory_mask)
+        else:
+            h = self.cross_attn.attend_states(q, memory, memory_mask[:, 0])
+        x = x + self.dropout(self.cross_attn.out(h)).view(B, W, T, H)
         return x + self.dropout(self.ffn(self.norms[2](x)))
 
 
@@ -292,9 +320,13 @@ class PRORec(SequentialRecommender):
             tokens[items[1:], last[1:]] = self.item_offset + items[1:]
         return tokens
 
-    def encode(self, interaction) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-        """User history as unicode tokens -> each decoder layer's cross-attention keys and values
-        (each [B, N', H]) and their mask [B, 1, 1, N'] (computed once per user, reused by every step).
+    def encode(self, interaction, queries: int) -> tuple[list, torch.Tensor]:
+        """User history as unicode tokens -> what each decoder layer's cross-attention reads, and its
+        mask [B, 1, 1, N']. ``queries`` counts the decoder positions per user that will read it. When
+        they outnumber the history tokens (beam search: beams x steps), that is each layer's keys and
+        values (each [B, N', H]), projected once; otherwise (training: 4 positions) the encoder
+        states [B, N', H] themselves, read through projections applied to the queries instead
+        (``PRORecAttention.attend_states``), which spares projecting every history token per layer.
         ``history_tokens``: ``codes`` reads each history item as its code tokens (the paper's form),
         ``item`` as one token, the sum of its code tokens' embeddings: half the encoder's tokens on
         two-level codes, with the same information about each item."""
@@ -315,10 +347,13 @@ class PRORec(SequentialRecommender):
         for layer in self.encoder:
             x = layer(x, packed)
         x = self.encoder_norm(x)
-        memory = [tuple(packed.pad(t) for t in layer.cross_attn.key_value(x)) for layer in self.decoder]
+        if queries * packed.batch > len(x):
+            memory = [tuple(packed.pad(t) for t in layer.cross_attn.key_value(x)) for layer in self.decoder]
+        else:
+            memory = [packed.pad(x)] * len(self.decoder)
         return memory, packed.mask[:, None, None]
 
-    def decode(self, tokens: torch.Tensor, memory: list[tuple[torch.Tensor, torch.Tensor]], memory_mask: torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, memory: list, memory_mask: torch.Tensor) -> torch.Tensor:
         """Causal decoder states [B, W, T, H] for ``tokens`` [B, W, T] (W beams share a memory row)."""
         B, W, T = tokens.shape
         x = self.dropout(self.embed(tokens) + self.decoder_position.weight[:T])
@@ -380,14 +415,14 @@ class PRORec(SequentialRecommender):
         [IKD] state [B, H] (else None). Without IKD the decoder reads only [BOS] and the first C - 1
         code tokens: a causal decoder's states never depend on later tokens, so the last code token
         and [IKD] would change nothing (on two-level codes, half the decoder's positions)."""
+        bos = torch.full((len(items), 1), self.bos, device=items.device)
+        if with_ikd:
+            tokens = torch.cat([bos, self.item_tokens[items], torch.full_like(bos, self.ikd_token)], dim=1)
+        else:
+            tokens = torch.cat([bos, self.item_tokens[items, :-1]], dim=1)
+        codes = self.codes[items]
         with self.one_table():
-            memory, memory_mask = self.encode(interaction)
-            codes = self.codes[items]
-            bos = torch.full((len(items), 1), self.bos, device=items.device)
-            if with_ikd:
-                tokens = torch.cat([bos, self.item_tokens[items], torch.full_like(bos, self.ikd_token)], dim=1)
-            else:
-                tokens = torch.cat([bos, self.item_tokens[items, :-1]], dim=1)
+            memory, memory_mask = self.encode(interaction, queries=tokens.shape[1])
             states = self.decode(tokens[:, None], memory, memory_mask)[:, 0]
             logits = self.level_logits(states[:, : self.code_len], self.item_nodes[items])
             return logits, codes, states[:, -1] if with_ikd else None
@@ -434,7 +469,9 @@ class PRORec(SequentialRecommender):
     def beam_search(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
         """Top ``beam_size`` items [B, W] and their code log-likelihoods, best first."""
         with self.one_table():
-            memory, memory_mask = self.encode(interaction)  # once per user, shared by its beams and steps
+            # each step decodes the whole prefix of every beam: W * (1 + 2 + ... + C) positions per user
+            steps = self.beam_size * self.code_len * (self.code_len + 1) // 2
+            memory, memory_mask = self.encode(interaction, queries=steps)
             B, W, device = memory_mask.shape[0], self.beam_size, memory_mask.device
             if self.trie.device != device:
                 self.trie.to(device)

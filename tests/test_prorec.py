@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from recbole.data.interaction import Interaction
 
 from conftest import DATASET, build_recbole, make_prorec
@@ -75,7 +76,7 @@ def test_item_history_tokens_are_the_sums_of_each_items_code_embeddings(stage2, 
     seen = []
     model.encoder[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     with torch.no_grad():
-        _, mask = model.encode(batch)
+        _, mask = model.encode(batch, queries=1)
         table = model.token_table()
     assert torch.equal(mask.sum((1, 2, 3)), lengths)
     expected = []
@@ -379,8 +380,8 @@ def test_item_mode_gives_each_item_its_own_token_tied_to_its_output_score(stage2
     targets = batch[item_mode.ITEM_ID]
     with torch.no_grad():
         logits, codes, _ = item_mode.teacher_forced(batch, targets)
-        memory, mask = item_mode.encode(batch)
         tokens = torch.cat([torch.full((len(targets), 1), item_mode.bos), item_mode.item_tokens[targets]], 1)
+        memory, mask = item_mode.encode(batch, queries=tokens.shape[1])
         states = item_mode.decode(tokens[:, None], memory, mask)[:, 0]
     rows = torch.arange(len(targets))
     target_last = (codes >= 0).sum(1) - 1
@@ -581,3 +582,51 @@ def test_attention_equals_torch_sdpa_and_survives_a_row_without_keys():
     undropped = attn.attend(q, k, v, masks[0])
     assert not torch.allclose(dropping.attend(q, k, v, masks[0]), undropped)
     assert torch.equal(dropping.eval().attend(q, k, v, masks[0]), undropped)
+
+
+def test_attention_to_unprojected_states_equals_attention_to_their_keys_and_values():
+    """attend_states (training's cross-attention: projections moved onto the queries) must give
+    attend(q, *key_value(states))'s numbers and gradients (biases included, the key bias having no
+    effect), under padding, a row without keys and attention dropout (the same mask is drawn)."""
+    from recbole_prorec.prorec import PRORecAttention
+
+    torch.manual_seed(0)
+    attn = PRORecAttention(hidden=16, heads=4, dropout=0.0)
+    nn.init.normal_(attn.qkv.bias)
+    q = torch.randn(3, 5, 16, requires_grad=True)
+    states = torch.randn(3, 7, 16, requires_grad=True)
+    real = torch.tensor([[1] * 7, [1] * 3 + [0] * 4, [0] * 7], dtype=torch.bool)
+    ours = attn.attend_states(q, states, real[:, None])
+    ref = attn.attend(q, *attn.key_value(states), real[:, None, None])
+    assert ours.shape == (3, 5, 16)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    params = (q, states, attn.qkv.weight)
+    grads = torch.autograd.grad(ours.square().sum(), params)
+    ref_grads = torch.autograd.grad(ref.square().sum(), params)
+    for got, expected in zip(grads, ref_grads):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    dropping = PRORecAttention(hidden=16, heads=4, dropout=0.5)
+    dropping.load_state_dict(attn.state_dict())
+    torch.manual_seed(1)
+    dropped = dropping.attend_states(q, states, real[:, None])
+    torch.manual_seed(1)
+    torch.testing.assert_close(dropped, dropping.attend(q, *dropping.key_value(states), real[:, None, None]),
+                               atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(dropped, ours, atol=1e-3)
+
+
+def test_the_decoder_reads_the_encoder_alike_through_states_or_projected_keys(stage2):
+    """encode hands the decoder the encoder states when a user has fewer decoder positions than
+    history tokens and per-layer keys and values otherwise; both must give the same decoder states."""
+    _, _, (train, _, _) = stage2
+    model = randomise(make_prorec(stage2), 4, 0.1).eval()
+    batch = first_batch(train)
+    items = batch[model.POS_ITEM_ID]
+    tokens = torch.cat([torch.full((len(items), 1), model.bos), model.item_tokens[items]], 1)[:, None]
+    with torch.no_grad():
+        as_states, mask = model.encode(batch, queries=1)
+        as_keys, same_mask = model.encode(batch, queries=10**6)
+        assert not isinstance(as_states[0], tuple) and isinstance(as_keys[0], tuple)
+        assert torch.equal(mask, same_mask)
+        torch.testing.assert_close(model.decode(tokens, as_states, mask), model.decode(tokens, as_keys, mask),
+                                   atol=1e-5, rtol=1e-5)
