@@ -75,8 +75,9 @@ class PRORecAttention(nn.Module):
     """Multi-head attention with one fused q/k/v projection whose k/v part can be applied alone.
 
     In beam search, cross-attention projects the encoder states to keys and values once
-    (``key_value``) and reuses them for every decoding step; in training, where a user has fewer
-    decoder positions than history tokens, ``attend_states`` reads the states unprojected.
+    (``key_value``) and reuses them for every decoding step; in training on long histories, where
+    a user has far fewer decoder positions than history tokens, ``attend_states`` reads the states
+    unprojected.
     ``attend`` returns the heads concatenated, before ``out``. Keys and
     values travel as separate tensors: splitting a fused [.., 2H] one would make its backward
     concatenate a padded [B, N', 2H] gradient in every decoder layer.
@@ -116,8 +117,8 @@ class PRORecAttention(nn.Module):
         values: the key projection moves onto the queries (per head, q_h . W_k,h s = (W_k,h^T q_h) . s;
         the key bias adds a constant per query, which the softmax ignores) and the value projection
         onto the weighted sum of states (weights summing to w give W_v,h (sum a s) + w b_v,h). Cheaper
-        when a user has fewer queries than history tokens, as in training (4 decoder positions against
-        20 history items on ml-100k): the states are not projected once per decoder layer.
+        when a user has far fewer queries than history tokens, as in training on long histories (4
+        decoder positions against 20 items on ml-100k): the states are not projected in every layer.
         q [N, T, H] as from ``query``, mask [N, 1, S] (True = attend); returns [N, T, H] like ``attend``."""
         (N, T, H), heads = q.shape, self.heads
         w_k, w_v = (w.view(heads, H // heads, H) for w in self.qkv.weight[H:].chunk(2))
@@ -322,11 +323,14 @@ class PRORec(SequentialRecommender):
 
     def encode(self, interaction, queries: int) -> tuple[list, torch.Tensor]:
         """User history as unicode tokens -> what each decoder layer's cross-attention reads, and its
-        mask [B, 1, 1, N']. ``queries`` counts the decoder positions per user that will read it. When
-        they outnumber the history tokens (beam search: beams x steps), that is each layer's keys and
-        values (each [B, N', H]), projected once; otherwise (training: 4 positions) the encoder
-        states [B, N', H] themselves, read through projections applied to the queries instead
-        (``PRORecAttention.attend_states``), which spares projecting every history token per layer.
+        mask [B, 1, 1, N']. ``queries`` counts the decoder positions per user that will read it.
+        Where history tokens outnumber them more than twice (training on long histories: 4 positions
+        against 20 items on ml-100k), that is the encoder states [B, N', H] themselves, read through
+        projections applied to the queries (``PRORecAttention.attend_states``), which spares
+        projecting every history token in every layer; otherwise (beam search: beams x steps; short
+        histories) each layer's keys and values (each [B, N', H]), projected once. Twice: per query
+        the states' form costs about twice what projecting one token does (CPU step time, ml-100k
+        -10 %, Beauty's 1.7 tokens per query +3 %: docs/RESULTS.md, session 12).
         ``history_tokens``: ``codes`` reads each history item as its code tokens (the paper's form),
         ``item`` as one token, the sum of its code tokens' embeddings: half the encoder's tokens on
         two-level codes, with the same information about each item."""
@@ -347,7 +351,7 @@ class PRORec(SequentialRecommender):
         for layer in self.encoder:
             x = layer(x, packed)
         x = self.encoder_norm(x)
-        if queries * packed.batch > len(x):
+        if 2 * queries * packed.batch >= len(x):
             memory = [tuple(packed.pad(t) for t in layer.cross_attn.key_value(x)) for layer in self.decoder]
         else:
             memory = [packed.pad(x)] * len(self.decoder)
