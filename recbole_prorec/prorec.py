@@ -474,8 +474,8 @@ class PRORec(SequentialRecommender):
         """Top ``beam_size`` items [B, W] and their code log-likelihoods, best first."""
         with self.one_table():
             # each step decodes the whole prefix of every beam: W * (1 + 2 + ... + C) positions per user
-            steps = self.beam_size * self.code_len * (self.code_len + 1) // 2
-            memory, memory_mask = self.encode(interaction, queries=steps)
+            positions = self.beam_size * self.code_len * (self.code_len + 1) // 2
+            memory, memory_mask = self.encode(interaction, queries=positions)
             B, W, device = memory_mask.shape[0], self.beam_size, memory_mask.device
             if self.trie.device != device:
                 self.trie.to(device)
