@@ -108,9 +108,12 @@ class PRORecAttention(nn.Module):
         A masked score takes the most negative finite value, so a row with no key to attend to
         averages its values instead of turning into NaN."""
         q, k, v = self._heads(q * (self.hidden // self.heads) ** -0.5), self._heads(k), self._heads(v)
-        scores = q @ k.transpose(-1, -2)
-        weights = self.weight_dropout(scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1))
+        weights = self._weights(q @ k.transpose(-1, -2), mask)
         return (weights @ v).transpose(1, 2).flatten(2)
+
+    def _weights(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention weights from scaled scores: masked, softmax, dropout (training only)."""
+        return self.weight_dropout(scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1))
 
     def attend_states(self, q: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``attend(q, *key_value(states), mask)`` without projecting ``states`` [N, S, H] to keys and
@@ -124,8 +127,7 @@ class PRORecAttention(nn.Module):
         w_k, w_v = (w.view(heads, H // heads, H) for w in self.qkv.weight[H:].chunk(2))
         q = q.reshape(N * T, heads, -1).transpose(0, 1) * (H // heads) ** -0.5  # [heads, N*T, d]
         q = torch.bmm(q, w_k).view(heads, N, T, H).transpose(0, 1).reshape(N, heads * T, H)
-        scores = torch.bmm(q, states.transpose(1, 2))  # [N, heads*T, S]
-        weights = self.weight_dropout(scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1))
+        weights = self._weights(torch.bmm(q, states.transpose(1, 2)), mask)  # [N, heads*T, S]
         mixed = torch.bmm(weights, states).view(N, heads, T, H).transpose(0, 1).reshape(heads, N * T, H)
         bias = self.qkv.bias[2 * H :].view(heads, 1, -1)
         total = weights.sum(-1).view(N, heads, T).transpose(0, 1).reshape(heads, N * T, 1)  # 1 without dropout

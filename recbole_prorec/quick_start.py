@@ -16,7 +16,7 @@ from recbole_prorec.config import ProjectConfig, plain_config
 from recbole_prorec.distributed import DDP_KEYS
 from recbole_prorec.logs import start_log
 from recbole_prorec.registry import ModelSpec, resolve_model
-from recbole_prorec.trainer import ARCHITECTURE_KEYS, SafeTrainer, load_checkpoint
+from recbole_prorec.trainer import SafeTrainer, load_checkpoint, trained_form
 
 # Keys of a saved config that describe the machine or the data's place, not the run's settings.
 MACHINE_KEYS = {"data_path", "device", "gpu_id", "use_gpu", "single_spec", "checkpoint_dir", *DDP_KEYS}
@@ -75,8 +75,8 @@ def checkpoint_config(model_file: str | Path, data_folder: Path | None = None,
                                     "which is not here: run Stage I again with the same settings")
         folder = None  # the data moved: look for the dataset where a run would
     defaults = plain_config(ProjectConfig(spec, saved["dataset"], data_folder=folder))
-    overrides = {k: v for k, v in saved.items() if k not in MACHINE_KEYS and defaults.get(k, object()) != v}
-    overrides.update({k: was for k, was in ARCHITECTURE_KEYS.items() if k in defaults and k not in saved})
+    form = {k: v for k, v in trained_form(saved).items() if k in defaults}  # this model's architecture keys
+    overrides = {k: v for k, v in {**saved, **form}.items() if k not in MACHINE_KEYS and defaults.get(k, object()) != v}
     overrides.update(extra or {})
     return spec, ProjectConfig(spec, saved["dataset"], (), overrides, data_folder=folder)
 

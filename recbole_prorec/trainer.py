@@ -22,7 +22,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 from time import monotonic
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -37,6 +37,13 @@ from recbole_prorec.files import atomic_file
 SCHEDULES = ("constant", "inverse_sqrt", "cosine")
 # keys that change what a model's weights compute, with the value of checkpoints written before the key existed
 ARCHITECTURE_KEYS = {"last_code_token": "shared", "integrated_item_tokens": False, "history_tokens": "codes"}
+
+
+def trained_form(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """The architecture a checkpoint's weights were trained in, from its saved config: each of
+    ``ARCHITECTURE_KEYS`` as saved, or the form of the time before that key existed."""
+    return {key: saved.get(key, before_the_key) for key, before_the_key in ARCHITECTURE_KEYS.items()}
+
 # settings a resumed run may change without a warning: where output goes and how it is shown
 RESUME_FREE_KEYS = {"show_progress", "train_time_budget", "epochs", "log_wandb", "state", "gpu_id", "device",
                     "checkpoint_dir", "local_rank", "world_size", "nproc", "offset", "ip", "port", "worker"}
@@ -437,8 +444,8 @@ class SafeTrainer(Trainer):
         mismatch = run_mismatch(saved, self.config)
         if mismatch:
             raise ValueError(mismatch)
-        for key, before_the_key in ARCHITECTURE_KEYS.items():  # PRORec's forms have different weights
-            mode, was = self.config[key], saved.get(key, before_the_key)
+        for key, was in trained_form(saved).items():  # PRORec's forms have different weights
+            mode = self.config[key]
             if mode is not None and was != mode:
                 raise ValueError(f"checkpoint was trained with {key}={was!r}, this run has {key}={mode!r}")
         self.model.load_state_dict(checkpoint["state_dict"])
