@@ -59,16 +59,22 @@ class Packed:
 
 
 class PRORecDropout(nn.Dropout):
-    """Dropout whose mask is drawn with ``rand_like`` rather than ``bernoulli_``: the same
-    distribution, at half the CPU cost (forward + backward of a [256, 4, 128] decoder activation:
-    1.47 -> 0.72 ms; 13 such calls per training step), which matters at ``dropout_prob: 0.3``."""
+    """Dropout whose mask is drawn from random bytes, eight per 64-bit draw, rather than with
+    ``bernoulli_`` (one float draw per entry): the drop rate is ``p`` rounded to a multiple of
+    1/256 (0.3 -> 77/256 = 0.3008; FlashAttention rounds it alike) and the kept entries are scaled
+    by 1 / (1 - that rate), so the expectation is exact. On a CPU the random numbers were the cost
+    of dropout (a [256, 4, 128] mask and product: 862 us with ``bernoulli_``, 304 us from
+    ``rand_like``, 110 us from bytes; 16 such calls per training step, docs/RESULTS.md)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        if self.p >= 1:
+        threshold = round(self.p * 256)
+        if threshold >= 256:
             return x * 0
-        return x * ((torch.rand_like(x) >= self.p) * (1 / (1 - self.p)))
+        words = torch.empty((x.numel() + 7) // 8, dtype=torch.int64, device=x.device)
+        random_bytes = words.random_(-(2**63), 2**63 - 1).view(torch.uint8)[: x.numel()].view(x.shape)
+        return x * ((random_bytes >= threshold) * (256 / (256 - threshold)))
 
 
 class PRORecAttention(nn.Module):
@@ -174,11 +180,15 @@ class PRORecDecoderLayer(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(3))
         self.dropout = PRORecDropout(dropout)
 
-    def forward(self, x, self_mask, memory: torch.Tensor | tuple[torch.Tensor, torch.Tensor], memory_mask) -> torch.Tensor:
+    def forward(self, x, self_mask, memory: torch.Tensor | tuple[torch.Tensor, torch.Tensor], memory_mask,
+                rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
         """``memory``: this layer's cross-attention keys and values, or the encoder states [B, N', H]
-        themselves (``PRORec.encode``)."""
+        themselves (``PRORec.encode``). ``rows``: the positions whose output is wanted (all by
+        default); the others still serve as self-attention keys and values, and cost no query."""
         B, W, T, H = x.shape
         q, k, v = self.self_attn.qkv(self.norms[0](x)).view(B * W, T, 3 * H).chunk(3, dim=-1)
+        x, q, self_mask = x[:, :, rows], q[:, rows], self_mask[:, :, rows]
+        T = x.shape[2]
         x = x + self.dropout(self.self_attn.out(self.self_attn.attend(q, k, v, self_mask))).view(B, W, T, H)
         q = self.cross_attn.query(self.norms[1](x)).view(B, W * T, H)
         if isinstance(memory, tuple):
@@ -359,14 +369,18 @@ class PRORec(SequentialRecommender):
             memory = [packed.pad(x)] * len(self.decoder)
         return memory, packed.mask[:, None, None]
 
-    def decode(self, tokens: torch.Tensor, memory: list, memory_mask: torch.Tensor) -> torch.Tensor:
-        """Causal decoder states [B, W, T, H] for ``tokens`` [B, W, T] (W beams share a memory row)."""
+    def decode(self, tokens: torch.Tensor, memory: list, memory_mask: torch.Tensor,
+               rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        """Causal decoder states [B, W, T', H] for ``tokens`` [B, W, T] (W beams share a memory row)
+        at the positions ``rows`` (T' of them; all by default). Only the last layer skips the other
+        positions: below it they are the keys and values of the later ones."""
         B, W, T = tokens.shape
         x = self.dropout(self.embed(tokens) + self.decoder_position.weight[:T])
         causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
         self_mask = (causal & (tokens != 0).view(B * W, 1, T))[:, None]  # [B*W, 1, T, T] True = attend
-        for layer, kv in zip(self.decoder, memory):
-            x = layer(x, self_mask, kv, memory_mask)
+        last = len(self.decoder) - 1
+        for i, (layer, kv) in enumerate(zip(self.decoder, memory)):
+            x = layer(x, self_mask, kv, memory_mask, rows if i == last else slice(None))
         return self.decoder_norm(x)
 
     def level_logits(self, states: torch.Tensor, nodes: torch.Tensor, first_level: int = 0) -> torch.Tensor:
@@ -422,14 +436,15 @@ class PRORec(SequentialRecommender):
         code tokens: a causal decoder's states never depend on later tokens, so the last code token
         and [IKD] would change nothing (on two-level codes, half the decoder's positions)."""
         bos = torch.full((len(items), 1), self.bos, device=items.device)
-        if with_ikd:
+        if with_ikd:  # the last code token's state is read by no loss: the decoder's last layer skips it
             tokens = torch.cat([bos, self.item_tokens[items], torch.full_like(bos, self.ikd_token)], dim=1)
+            rows = torch.tensor([*range(self.code_len), self.code_len + 1], device=items.device)
         else:
-            tokens = torch.cat([bos, self.item_tokens[items, :-1]], dim=1)
+            tokens, rows = torch.cat([bos, self.item_tokens[items, :-1]], dim=1), slice(None)
         codes = self.codes[items]
         with self.one_table():
             memory, memory_mask = self.encode(interaction, queries=tokens.shape[1])
-            states = self.decode(tokens[:, None], memory, memory_mask)[:, 0]
+            states = self.decode(tokens[:, None], memory, memory_mask, rows)[:, 0]
             logits = self.level_logits(states[:, : self.code_len], self.item_nodes[items])
             return logits, codes, states[:, -1] if with_ikd else None
 
@@ -486,7 +501,7 @@ class PRORec(SequentialRecommender):
             def step(prefix: torch.Tensor) -> torch.Tensor:
                 # an unfinished beam's prefix holds inner nodes only, whose tokens are level tokens
                 tokens = torch.cat([bos, self.code_tokens(prefix)], dim=1).view(B, W, -1)
-                last = self.decode(tokens, memory, memory_mask)[:, :, -1].reshape(B * W, 1, -1)
+                last = self.decode(tokens, memory, memory_mask, slice(-1, None)).view(B * W, 1, -1)
                 node = self.trie.node_path(prefix)[:, -1:]  # at most code length - 1 table lookups
                 return self.level_logits(last, node, prefix.shape[1])[:, 0].log_softmax(-1)
 

@@ -529,21 +529,28 @@ def test_missing_embeddings_file_with_ikd_names_the_file(stage1_folder, tmp_path
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
 def test_dropout_keeps_the_expectation_and_drops_a_share_p(p):
-    """PRORecDropout draws its mask with rand_like: a share p of entries is zeroed, the others are
-    scaled by 1 / (1 - p) (so the mean is kept), the gradient flows through the kept ones only,
-    and evaluation mode is the identity."""
+    """PRORecDropout draws its mask from random bytes: a share p (rounded to a multiple of 1/256)
+    of entries is zeroed at every byte position of the 64-bit draws, the others are scaled so the
+    mean is exactly kept, the gradient flows through the kept ones only, and evaluation mode is
+    the identity."""
     from recbole_prorec.prorec import PRORecDropout
 
     torch.manual_seed(0)
     drop = PRORecDropout(p)
-    x = torch.full((200, 500), 2.0, requires_grad=True)
+    rate = round(p * 256) / 256
+    x = torch.full((200, 504), 2.0, requires_grad=True)
     y = drop(x)
-    dropped = (y == 0).float().mean().item()
-    assert abs(dropped - p) < 0.01
-    assert torch.allclose(y[y != 0], torch.tensor(2.0 / (1 - p)))
-    assert abs(y.mean().item() - 2.0) < 0.03
+    dropped = y == 0
+    assert abs(dropped.float().mean().item() - rate) < 0.005
+    per_byte = dropped.view(-1, 8).float().mean(0)  # one column per byte of a 64-bit draw
+    assert (per_byte - rate).abs().max() < 0.012
+    assert torch.allclose(y[~dropped], torch.tensor(2.0 / (1 - rate)))
+    assert abs(y.mean().item() - 2.0) < 0.02
     y.sum().backward()
-    assert torch.equal(x.grad == 0, y == 0)
+    assert torch.equal(x.grad == 0, dropped)
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # drawn from torch's generator: seeded runs repeat
+    assert drop(x[:7, :3]).shape == (7, 3)  # sizes that are not a multiple of 8
     drop.eval()
     assert drop(x) is x
     assert PRORecDropout(0.0)(x) is x
@@ -630,3 +637,24 @@ def test_the_decoder_reads_the_encoder_alike_through_states_or_projected_keys(st
         assert torch.equal(mask, same_mask)
         torch.testing.assert_close(model.decode(tokens, as_states, mask), model.decode(tokens, as_keys, mask),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_the_decoder_computes_only_the_positions_asked_for_with_the_same_states(stage2):
+    """decode(rows=...) skips the other positions in its last layer only (below it they are keys
+    and values of later positions): the states it returns must equal the full decode's at those
+    positions, for the index training uses ([BOS], code positions and [IKD], not the last code
+    token) and the slice beam search uses (the last position)."""
+    _, _, (train, _, _) = stage2
+    model = randomise(make_prorec(stage2), 4, 0.1).eval()
+    batch = first_batch(train)
+    items = batch[model.POS_ITEM_ID]
+    bos = torch.full((len(items), 1), model.bos)
+    tokens = torch.cat([bos, model.item_tokens[items], torch.full_like(bos, model.ikd_token)], 1)[:, None]
+    C = model.code_len
+    with torch.no_grad():
+        memory, mask = model.encode(batch, queries=1)
+        full = model.decode(tokens, memory, mask)
+        for rows in (torch.tensor([*range(C), C + 1]), slice(-1, None)):
+            part = model.decode(tokens, memory, mask, rows)
+            assert part.shape == full[:, :, rows].shape
+            torch.testing.assert_close(part, full[:, :, rows], atol=1e-5, rtol=1e-5)
