@@ -181,12 +181,18 @@ class PRORecDecoderLayer(nn.Module):
         self.dropout = PRORecDropout(dropout)
 
     def forward(self, x, self_mask, memory: torch.Tensor | tuple[torch.Tensor, torch.Tensor], memory_mask,
-                rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
-        """``memory``: this layer's cross-attention keys and values, or the encoder states [B, N', H]
+                rows: slice | torch.Tensor = slice(None), past: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """New states and this layer's self-attention keys and values [B*W, T, H] of ``x``.
+        ``memory``: this layer's cross-attention keys and values, or the encoder states [B, N', H]
         themselves (``PRORec.encode``). ``rows``: the positions whose output is wanted (all by
-        default); the others still serve as self-attention keys and values, and cost no query."""
+        default); the others still serve as self-attention keys and values, and cost no query.
+        ``past``: keys and values [B*W, P, H] of P positions before ``x``, which it attends to first."""
         B, W, T, H = x.shape
         q, k, v = self.self_attn.qkv(self.norms[0](x)).view(B * W, T, 3 * H).chunk(3, dim=-1)
+        keys = k, v
+        if past is not None:
+            k, v = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1)
         x, q, self_mask = x[:, :, rows], q[:, rows], self_mask[:, :, rows]
         T = x.shape[2]
         x = x + self.dropout(self.self_attn.out(self.self_attn.attend(q, k, v, self_mask))).view(B, W, T, H)
@@ -196,7 +202,7 @@ class PRORecDecoderLayer(nn.Module):
         else:
             h = self.cross_attn.attend_states(q, memory, memory_mask[:, 0])
         x = x + self.dropout(self.cross_attn.out(h)).view(B, W, T, H)
-        return x + self.dropout(self.ffn(self.norms[2](x)))
+        return x + self.dropout(self.ffn(self.norms[2](x))), keys
 
 
 class PRORec(SequentialRecommender):
@@ -370,18 +376,24 @@ class PRORec(SequentialRecommender):
         return memory, packed.mask[:, None, None]
 
     def decode(self, tokens: torch.Tensor, memory: list, memory_mask: torch.Tensor,
-               rows: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+               rows: slice | torch.Tensor = slice(None), past: list | None = None) -> tuple[torch.Tensor, list]:
         """Causal decoder states [B, W, T', H] for ``tokens`` [B, W, T] (W beams share a memory row)
-        at the positions ``rows`` (T' of them; all by default). Only the last layer skips the other
-        positions: below it they are the keys and values of the later ones."""
+        at the positions ``rows`` (T' of them; all by default), and each layer's self-attention keys
+        and values of ``tokens``. Only the last layer skips the other positions: below it they are
+        the keys and values of the later ones. ``past``: each layer's keys and values [B*W, P, H]
+        of P earlier positions, from an earlier call (beam search decodes [BOS] once per user)."""
         B, W, T = tokens.shape
-        x = self.dropout(self.embed(tokens) + self.decoder_position.weight[:T])
-        causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
-        self_mask = (causal & (tokens != 0).view(B * W, 1, T))[:, None]  # [B*W, 1, T, T] True = attend
-        last = len(self.decoder) - 1
+        P = 0 if past is None else past[0][0].shape[1]
+        x = self.dropout(self.embed(tokens) + self.decoder_position.weight[P : P + T])
+        causal = torch.ones(T, P + T, dtype=torch.bool, device=tokens.device).tril(diagonal=P)
+        real = F.pad(tokens != 0, (P, 0), value=True).view(B * W, 1, P + T)  # earlier positions are real
+        self_mask = (causal & real)[:, None]  # [B*W, 1, T, P+T] True = attend
+        keys, last = [], len(self.decoder) - 1
         for i, (layer, kv) in enumerate(zip(self.decoder, memory)):
-            x = layer(x, self_mask, kv, memory_mask, rows if i == last else slice(None))
-        return self.decoder_norm(x)
+            x, layer_keys = layer(x, self_mask, kv, memory_mask, rows if i == last else slice(None),
+                                  None if past is None else past[i])
+            keys.append(layer_keys)
+        return self.decoder_norm(x), keys
 
     def level_logits(self, states: torch.Tensor, nodes: torch.Tensor, first_level: int = 0) -> torch.Tensor:
         """Logits [N, T, K] of position t's code at level ``first_level + t``, the prefix being at
@@ -444,7 +456,7 @@ class PRORec(SequentialRecommender):
         codes = self.codes[items]
         with self.one_table():
             memory, memory_mask = self.encode(interaction, queries=tokens.shape[1])
-            states = self.decode(tokens[:, None], memory, memory_mask, rows)[:, 0]
+            states = self.decode(tokens[:, None], memory, memory_mask, rows)[0][:, 0]
             logits = self.level_logits(states[:, : self.code_len], self.item_nodes[items])
             return logits, codes, states[:, -1] if with_ikd else None
 
@@ -488,22 +500,33 @@ class PRORec(SequentialRecommender):
 
     @torch.no_grad()
     def beam_search(self, interaction) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top ``beam_size`` items [B, W] and their code log-likelihoods, best first."""
+        """Top ``beam_size`` items [B, W] and their code log-likelihoods, best first.
+
+        Every beam of a user starts from [BOS] alone, so the first step decodes it once per user
+        and later steps reuse its keys and values (``past``), decoding only the generated codes:
+        on two-level codes that is 1 + W decoder rows per user instead of W + 2 W."""
         with self.one_table():
-            # each step decodes the whole prefix of every beam: W * (1 + 2 + ... + C) positions per user
-            positions = self.beam_size * self.code_len * (self.code_len + 1) // 2
+            # decoder positions per user reading the encoder: 1 at the first step, then W per code
+            positions = 1 + self.beam_size * self.code_len * (self.code_len - 1) // 2
             memory, memory_mask = self.encode(interaction, queries=positions)
             B, W, device = memory_mask.shape[0], self.beam_size, memory_mask.device
             if self.trie.device != device:
                 self.trie.to(device)
-            bos = torch.full((B * W, 1), self.bos, device=device)
+            bos_keys: list = []
 
             def step(prefix: torch.Tensor) -> torch.Tensor:
+                if prefix.shape[1] == 0:  # [BOS] for every beam: decode it once per user
+                    bos = torch.full((B, 1, 1), self.bos, device=device)
+                    states, keys = self.decode(bos, memory, memory_mask)
+                    # each user's keys and values, repeated for its W beams
+                    bos_keys.extend(tuple(t.repeat_interleave(W, 0) for t in kv) for kv in keys)
+                    root = torch.zeros(B, 1, dtype=torch.long, device=device)
+                    return self.level_logits(states.view(B, 1, -1), root)[:, 0].log_softmax(-1).repeat_interleave(W, 0)
                 # an unfinished beam's prefix holds inner nodes only, whose tokens are level tokens
-                tokens = torch.cat([bos, self.code_tokens(prefix)], dim=1).view(B, W, -1)
-                last = self.decode(tokens, memory, memory_mask, slice(-1, None)).view(B * W, 1, -1)
+                tokens = self.code_tokens(prefix).view(B, W, -1)
+                states, _ = self.decode(tokens, memory, memory_mask, slice(-1, None), bos_keys)
                 node = self.trie.node_path(prefix)[:, -1:]  # at most code length - 1 table lookups
-                return self.level_logits(last, node, prefix.shape[1])[:, 0].log_softmax(-1)
+                return self.level_logits(states.view(B * W, 1, -1), node, prefix.shape[1])[:, 0].log_softmax(-1)
 
             return constrained_beam_search(step, self.trie, B, W)
 

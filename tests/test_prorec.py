@@ -382,7 +382,7 @@ def test_item_mode_gives_each_item_its_own_token_tied_to_its_output_score(stage2
         logits, codes, _ = item_mode.teacher_forced(batch, targets)
         tokens = torch.cat([torch.full((len(targets), 1), item_mode.bos), item_mode.item_tokens[targets]], 1)
         memory, mask = item_mode.encode(batch, queries=tokens.shape[1])
-        states = item_mode.decode(tokens[:, None], memory, mask)[:, 0]
+        states = item_mode.decode(tokens[:, None], memory, mask)[0][:, 0]
     rows = torch.arange(len(targets))
     target_last = (codes >= 0).sum(1) - 1
     expected = (states[rows, target_last] * item_mode.token_table()[item_mode.item_offset + targets]).sum(-1)
@@ -635,7 +635,7 @@ def test_the_decoder_reads_the_encoder_alike_through_states_or_projected_keys(st
         as_keys, same_mask = model.encode(batch, queries=10**6)
         assert not isinstance(as_states[0], tuple) and isinstance(as_keys[0], tuple)
         assert torch.equal(mask, same_mask)
-        torch.testing.assert_close(model.decode(tokens, as_states, mask), model.decode(tokens, as_keys, mask),
+        torch.testing.assert_close(model.decode(tokens, as_states, mask)[0], model.decode(tokens, as_keys, mask)[0],
                                    atol=1e-5, rtol=1e-5)
 
 
@@ -643,7 +643,8 @@ def test_the_decoder_computes_only_the_positions_asked_for_with_the_same_states(
     """decode(rows=...) skips the other positions in its last layer only (below it they are keys
     and values of later positions): the states it returns must equal the full decode's at those
     positions, for the index training uses ([BOS], code positions and [IKD], not the last code
-    token) and the slice beam search uses (the last position)."""
+    token) and the slice beam search uses (the last position); and decoding a sequence in two calls,
+    the second attending to the first's keys and values (``past``), must give the same states."""
     _, _, (train, _, _) = stage2
     model = randomise(make_prorec(stage2), 4, 0.1).eval()
     batch = first_batch(train)
@@ -653,8 +654,16 @@ def test_the_decoder_computes_only_the_positions_asked_for_with_the_same_states(
     C = model.code_len
     with torch.no_grad():
         memory, mask = model.encode(batch, queries=1)
-        full = model.decode(tokens, memory, mask)
+        full, keys = model.decode(tokens, memory, mask)
         for rows in (torch.tensor([*range(C), C + 1]), slice(-1, None)):
-            part = model.decode(tokens, memory, mask, rows)
+            part, _ = model.decode(tokens, memory, mask, rows)
             assert part.shape == full[:, :, rows].shape
             torch.testing.assert_close(part, full[:, :, rows], atol=1e-5, rtol=1e-5)
+        # what the beam search does: the first positions' keys and values from one call, the rest in another
+        for P in (1, 2):
+            head, past = model.decode(tokens[:, :, :P], memory, mask)
+            tail, tail_keys = model.decode(tokens[:, :, P:], memory, mask, past=past)
+            torch.testing.assert_close(torch.cat([head, tail], 2), full, atol=1e-5, rtol=1e-5)
+            for (k, v), (k_tail, v_tail), (k_all, v_all) in zip(past, tail_keys, keys):
+                torch.testing.assert_close(torch.cat([k, k_tail], 1), k_all, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(torch.cat([v, v_tail], 1), v_all, atol=1e-5, rtol=1e-5)
