@@ -61,7 +61,7 @@ class Packed:
 class PRORecDropout(nn.Dropout):
     """Dropout whose mask is drawn from random bytes, eight per 64-bit draw, rather than with
     ``bernoulli_`` (one float draw per entry): the drop rate is ``p`` rounded to a multiple of
-    1/256 (0.3 -> 77/256 = 0.3008; FlashAttention rounds it alike) and the kept entries are scaled
+    1/256 (0.3 -> 77/256 = 0.3008; below 1/512 none; FlashAttention rounds it alike) and the kept entries are scaled
     by 1 / (1 - that rate), so the expectation is exact. On a CPU the random numbers were the cost
     of dropout (a [256, 4, 128] mask and product: 862 us with ``bernoulli_``, 304 us from
     ``rand_like``, 110 us from bytes; 16 such calls per training step, docs/RESULTS.md)."""
@@ -70,11 +70,13 @@ class PRORecDropout(nn.Dropout):
         if not self.training or self.p == 0:
             return x
         threshold = round(self.p * 256)
+        if threshold == 0:
+            return x
         if threshold >= 256:
             return x * 0
         words = torch.empty((x.numel() + 7) // 8, dtype=torch.int64, device=x.device)
         random_bytes = words.random_(-(2**63), 2**63 - 1).view(torch.uint8)[: x.numel()].view(x.shape)
-        return x * ((random_bytes >= threshold) * (256 / (256 - threshold)))
+        return x * ((random_bytes >= threshold).to(x.dtype) * (256 / (256 - threshold)))
 
 
 class PRORecAttention(nn.Module):
@@ -186,7 +188,8 @@ class PRORecDecoderLayer(nn.Module):
         """New states and this layer's self-attention keys and values [B*W, T, H] of ``x``.
         ``memory``: this layer's cross-attention keys and values, or the encoder states [B, N', H]
         themselves (``PRORec.encode``). ``rows``: the positions whose output is wanted (all by
-        default); the others still serve as self-attention keys and values, and cost no query.
+        default); the others still serve as self-attention keys and values, and skip attention,
+        cross-attention and feed-forward.
         ``past``: keys and values [B*W, P, H] of P positions before ``x``, which it attends to first."""
         B, W, T, H = x.shape
         q, k, v = self.self_attn.qkv(self.norms[0](x)).view(B * W, T, 3 * H).chunk(3, dim=-1)
@@ -239,15 +242,18 @@ class PRORec(SequentialRecommender):
         vocab = self.item_offset + (self.n_items if self.item_level else 0)
         self.token_embedding = nn.Embedding(vocab, self.hidden, padding_idx=0)
         self.register_buffer("item_tokens", self._item_tokens(codes), persistent=False)
+        # the decoder positions training reads with IKD: [BOS], the code positions and [IKD]
+        self.register_buffer("ikd_rows", torch.tensor([*range(self.code_len), self.code_len + 1]), persistent=False)
         # the trie node each code position of each item chooses among the children of
         self.register_buffer("item_nodes", self.trie.node_path(codes)[:, :-1], persistent=False)
-        self.leaf_levels: set[int] = set()  # levels where some child completes an item
+        # levels where some child completes an item
+        self.leaf_levels = {level for level in range(self.code_len) if bool((self.trie.child_items(level) >= 0).any())}
+        self.item_temperature = config["item_temperature"]
         if self.item_level:  # buffers, so they follow the model across devices
             for level in range(self.code_len):
                 child_items = self.trie.child_items(level)
                 self.register_buffer(f"child_items_{level}", child_items, persistent=False)
-                if bool((child_items >= 0).any()):
-                    self.leaf_levels.add(level)
+                if level in self.leaf_levels:
                     leaf_codes, leaf_items = self.trie.leaf_children(level)
                     self.register_buffer(f"leaf_codes_{level}", leaf_codes, persistent=False)
                     self.register_buffer(f"leaf_items_{level}", leaf_items, persistent=False)
@@ -287,6 +293,8 @@ class PRORec(SequentialRecommender):
             raise ValueError(f"hidden_size {config['hidden_size']} is not divisible by n_heads {config['n_heads']}")
         if config["beam_size"] < max(config["topk"]):
             raise ValueError(f"beam_size {config['beam_size']} must be >= max(topk) = {max(config['topk'])}")
+        if not config["item_temperature"] > 0:
+            raise ValueError(f"item_temperature must be > 0, got {config['item_temperature']}")
         if config["ikd_weight"] and (config["ikd_tau"] <= 0 or config["ikd_negatives"] < 1):
             raise ValueError("ikd_tau must be > 0 and ikd_negatives >= 1 when ikd_weight > 0")
 
@@ -450,7 +458,7 @@ class PRORec(SequentialRecommender):
         bos = torch.full((len(items), 1), self.bos, device=items.device)
         if with_ikd:  # the last code token's state is read by no loss: the decoder's last layer skips it
             tokens = torch.cat([bos, self.item_tokens[items], torch.full_like(bos, self.ikd_token)], dim=1)
-            rows = torch.tensor([*range(self.code_len), self.code_len + 1], device=items.device)
+            rows = self.ikd_rows
         else:
             tokens, rows = torch.cat([bos, self.item_tokens[items, :-1]], dim=1), slice(None)
         codes = self.codes[items]
@@ -492,10 +500,26 @@ class PRORec(SequentialRecommender):
         logits = torch.einsum("bd,bnd->bn", h, z) / self.ikd_tau
         return F.cross_entropy(logits, torch.zeros_like(target))
 
+    def ranking_log_probs(self, logits: torch.Tensor, first_level: int = 0) -> torch.Tensor:
+        """Log-probabilities [N, T, K] that rank items (beam search, ``predict``) from ``level_logits``:
+        at levels where children complete items, the logits divided by ``item_temperature`` first.
+        Training sharpens the choice of an item within its cluster beyond what holds on unseen
+        users (training loss of that level 3.6 -> 1.5 nats over 30 Beauty epochs while validation
+        recall fell); a temperature above 1 spreads the beam over more of the chosen clusters'
+        items (docs/RESULTS.md, session 13). Training's loss is untouched."""
+        if self.item_temperature != 1:
+            scale = torch.ones(logits.shape[1], 1, device=logits.device)
+            for t in range(logits.shape[1]):
+                if first_level + t in self.leaf_levels:
+                    scale[t] = 1 / self.item_temperature
+            logits = (logits * scale).clamp(min=torch.finfo(logits.dtype).min)  # a masked child stays finite
+        return logits.log_softmax(-1)
+
     def predict(self, interaction) -> torch.Tensor:
-        """Log-likelihood of each given item's code (sum over its code tokens)."""
+        """Ranking log-likelihood of each given item's code (sum over its code tokens), the score
+        beam search ranks by."""
         logits, codes, _ = self.teacher_forced(interaction, interaction[self.ITEM_ID])
-        logp = logits.log_softmax(-1).gather(-1, codes.clamp(min=0)[..., None]).squeeze(-1)
+        logp = self.ranking_log_probs(logits).gather(-1, codes.clamp(min=0)[..., None]).squeeze(-1)
         return logp.masked_fill(codes < 0, 0).sum(-1)
 
     @torch.no_grad()
@@ -506,7 +530,7 @@ class PRORec(SequentialRecommender):
         and later steps reuse its keys and values (``past``), decoding only the generated codes:
         on two-level codes that is 1 + W decoder rows per user instead of W + 2 W."""
         with self.one_table():
-            # decoder positions per user reading the encoder: 1 at the first step, then W per code
+            # decoder positions per user reading the encoder: 1 at the first step, then W x t at step t
             positions = 1 + self.beam_size * self.code_len * (self.code_len - 1) // 2
             memory, memory_mask = self.encode(interaction, queries=positions)
             B, W, device = memory_mask.shape[0], self.beam_size, memory_mask.device
@@ -521,12 +545,14 @@ class PRORec(SequentialRecommender):
                     # each user's keys and values, repeated for its W beams
                     bos_keys.extend(tuple(t.repeat_interleave(W, 0) for t in kv) for kv in keys)
                     root = torch.zeros(B, 1, dtype=torch.long, device=device)
-                    return self.level_logits(states.view(B, 1, -1), root)[:, 0].log_softmax(-1).repeat_interleave(W, 0)
+                    logits = self.level_logits(states.view(B, 1, -1), root)
+                    return self.ranking_log_probs(logits)[:, 0].repeat_interleave(W, 0)
                 # an unfinished beam's prefix holds inner nodes only, whose tokens are level tokens
                 tokens = self.code_tokens(prefix).view(B, W, -1)
                 states, _ = self.decode(tokens, memory, memory_mask, slice(-1, None), bos_keys)
                 node = self.trie.node_path(prefix)[:, -1:]  # at most code length - 1 table lookups
-                return self.level_logits(states.view(B * W, 1, -1), node, prefix.shape[1])[:, 0].log_softmax(-1)
+                logits = self.level_logits(states.view(B * W, 1, -1), node, prefix.shape[1])
+                return self.ranking_log_probs(logits, prefix.shape[1])[:, 0]
 
             return constrained_beam_search(step, self.trie, B, W)
 

@@ -91,13 +91,15 @@ def test_item_history_tokens_are_the_sums_of_each_items_code_embeddings(stage2, 
 
 
 FORMS = {"item": {"integrated_item_tokens": False}, "shared": {"last_code_token": "shared"}, "integrated": {},
-         "item history": {"history_tokens": "item"}}
+         "item history": {"history_tokens": "item"}, "plain likelihood": {"item_temperature": 1.0},
+         "shared, temperature 0.5": {"last_code_token": "shared", "item_temperature": 0.5}}
 
 
 @pytest.mark.parametrize("seed,form", [(0, "item"), (1, "item"), (0, "shared"), (1, "shared"), (0, "integrated"),
-                                       (0, "item history")])
+                                       (0, "item history"), (0, "plain likelihood"), (0, "shared, temperature 0.5")])
 def test_beam_search_is_the_brute_force_top_k(stage2, seed, form):
-    """With beam_size >= n_items nothing is pruned: beams = exact top-k of all code likelihoods."""
+    """With beam_size >= n_items nothing is pruned: beams = exact top-k of all code likelihoods
+    (the ranking ones, with ``item_temperature``, which ``predict`` uses too)."""
     config, _, (_, _, test) = stage2
     model = randomise(make_prorec(stage2, beam_size=48, **FORMS[form]), seed).eval()
     assert model.beam_size >= model.n_items - 1
@@ -114,6 +116,29 @@ def test_beam_search_is_the_brute_force_top_k(stage2, seed, form):
     assert (items[:, n_real:] == 0).all() and torch.isinf(scores[:, n_real:]).all()
     # the search's own scores are the items' likelihoods (not just the same ranking)
     torch.testing.assert_close(scores[:, :n_real], exact.gather(1, items[:, :n_real]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("last_code_token", ["item", "shared"])
+def test_item_temperature_divides_the_logits_of_the_levels_that_complete_items(stage2, last_code_token):
+    """Ranking log-probabilities: logits of a level where some child completes an item are divided
+    by item_temperature before the softmax, other levels' are not; masked children stay finite."""
+    model = make_prorec(stage2, last_code_token=last_code_token, item_temperature=2.0)
+    assert 0 not in model.leaf_levels and model.leaf_levels  # the first code never completes an item here
+    torch.manual_seed(0)
+    logits = torch.randn(6, model.code_len, model.K)
+    got = model.ranking_log_probs(logits)
+    for t in range(model.code_len):
+        scale = 2.0 if t in model.leaf_levels else 1.0
+        torch.testing.assert_close(got[:, t], (logits[:, t] / scale).log_softmax(-1))
+    torch.testing.assert_close(model.ranking_log_probs(logits[:, 1:], first_level=1), got[:, 1:])
+    plain = make_prorec(stage2, last_code_token=last_code_token, item_temperature=1.0)
+    torch.testing.assert_close(plain.ranking_log_probs(logits), logits.log_softmax(-1))
+    masked = logits.clone()
+    masked[:, -1, 1:] = torch.finfo(logits.dtype).min  # children that do not exist stay finite and get ~0
+    sharp = make_prorec(stage2, last_code_token=last_code_token, item_temperature=0.5).ranking_log_probs(masked)
+    assert torch.isfinite(sharp).all() and sharp[:, -1, 0].abs().max() < 1e-6
+    with pytest.raises(ValueError, match="item_temperature must be > 0"):
+        make_prorec(stage2, item_temperature=0.0)
 
 
 @pytest.mark.parametrize("last_code_token", ["item", "shared"])
@@ -554,6 +579,7 @@ def test_dropout_keeps_the_expectation_and_drops_a_share_p(p):
     drop.eval()
     assert drop(x) is x
     assert PRORecDropout(0.0)(x) is x
+    assert PRORecDropout(0.001)(x) is x  # rounds to no dropout: no mask drawn
     assert torch.equal(PRORecDropout(1.0)(x), torch.zeros_like(x))
 
 
