@@ -5,7 +5,8 @@ Loss = L_GR + mu * L_IKD (paper eq. 8). L_GR is the cross-entropy of each code t
 L_IKD (eq. 7) contrasts the decoder's final state at a learnable [IKD] token appended after the
 code tokens with the target's Stage-I integrated embedding (positive) and ``ikd_negatives`` other
 items' embeddings (negatives).
-Inference is a beam search constrained to real codes; ``full_sort_predict`` returns the beam scores
+Inference is a beam search constrained to real codes, ranking by the code log-likelihood with the
+item level's logits softened by ``item_temperature``; ``full_sort_predict`` returns the beam scores
 of the decoded items and -inf elsewhere, so RecBole's own metrics apply unchanged.
 
 ``last_code_token`` chooses what the last code position of an item is. ``shared``: a level token
