@@ -247,13 +247,16 @@ class PRORec(SequentialRecommender):
         self.register_buffer("ikd_rows", torch.tensor([*range(self.code_len), self.code_len + 1]), persistent=False)
         # the trie node each code position of each item chooses among the children of
         self.register_buffer("item_nodes", self.trie.node_path(codes)[:, :-1], persistent=False)
+        child_items = [self.trie.child_items(level) for level in range(self.code_len)]
         # levels where some child completes an item
-        self.leaf_levels = {level for level in range(self.code_len) if bool((self.trie.child_items(level) >= 0).any())}
+        self.leaf_levels = {level for level, items in enumerate(child_items) if bool((items >= 0).any())}
         self.item_temperature = config["item_temperature"]
+        # ranking's factor on each level's logits: 1 / item_temperature where children complete items
+        scale = [1 / self.item_temperature if level in self.leaf_levels else 1.0 for level in range(self.code_len)]
+        self.register_buffer("ranking_scale", torch.tensor(scale)[:, None], persistent=False)
         if self.item_level:  # buffers, so they follow the model across devices
             for level in range(self.code_len):
-                child_items = self.trie.child_items(level)
-                self.register_buffer(f"child_items_{level}", child_items, persistent=False)
+                self.register_buffer(f"child_items_{level}", child_items[level], persistent=False)
                 if level in self.leaf_levels:
                     leaf_codes, leaf_items = self.trie.leaf_children(level)
                     self.register_buffer(f"leaf_codes_{level}", leaf_codes, persistent=False)
@@ -509,10 +512,7 @@ class PRORec(SequentialRecommender):
         recall fell); a temperature above 1 spreads the beam over more of the chosen clusters'
         items (docs/RESULTS.md, session 13). Training's loss is untouched."""
         if self.item_temperature != 1:
-            scale = torch.ones(logits.shape[1], 1, device=logits.device)
-            for t in range(logits.shape[1]):
-                if first_level + t in self.leaf_levels:
-                    scale[t] = 1 / self.item_temperature
+            scale = self.ranking_scale[first_level : first_level + logits.shape[1]]
             logits = (logits * scale).clamp(min=torch.finfo(logits.dtype).min)  # a masked child stays finite
         return logits.log_softmax(-1)
 
