@@ -171,4 +171,5 @@ def _main(argv: Sequence[str] | None) -> list[RunResult]:
             where = [f"checkpoint {r.checkpoint or '(not saved)'}", f"log {r.log_file or '(none)'}"]
             where += [f"unicode dataset {r.data_folder}"] if r.data_folder else []
             print(f"{r.label}: " + ", ".join(where))
+    ddp.leave_group()  # torchrun's workers (a no-op otherwise)
     return results

@@ -91,6 +91,15 @@ def join_group(cfg: dict) -> None:
         cfg["verbose"] = False
 
 
+def leave_group() -> None:
+    """Wait for every rank, then leave the group: a process that exits while gloo's threads still
+    hold the group aborts ("terminate called without an active exception", SIGABRT) after a
+    successful run. Only on success: a failed rank must not wait for the others at a barrier."""
+    if in_group():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def wrap(model: torch.nn.Module, config) -> tuple[torch.nn.Module, DistributedDataParallel]:
     """The model with synchronised batch norms and its DDP wrapper (device ids on CUDA only)."""
     model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -121,6 +130,7 @@ def _worker(rank: int, fn: Callable, args: tuple, overrides: dict, result_file: 
     result = fn(*args, {**overrides, "local_rank": rank})
     if rank == 0:  # a file, not a pipe: a large result (a long curve) must not block the exit
         Path(result_file).write_bytes(pickle.dumps(result))
+    leave_group()
 
 
 def launch(fn: Callable, args: tuple, overrides: dict, nproc: int) -> Any:
