@@ -93,3 +93,14 @@ def test_two_processes_train_as_one_does_within_tolerance(tiny_overrides, tmp_pa
     assert ones[-1] < ones[0] - 0.1 and twos[-1] < twos[0] - 0.1
     assert max(abs(a - b) for a, b in zip(ones, twos)) <= 0.06
     assert abs(one.valid["ndcg@10"] - two.valid["ndcg@10"]) <= 0.05 and two.valid["ndcg@10"] > 0
+
+
+def test_leave_group_ends_this_process_membership():
+    """A worker leaves its gloo group before exiting: one whose group outlived it aborted (SIGABRT)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
+    assert ddp.in_group()
+    ddp.leave_group()
+    assert not ddp.in_group() and not dist.is_initialized()
+    ddp.leave_group()  # outside a group: nothing to do
