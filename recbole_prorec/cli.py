@@ -102,7 +102,9 @@ def main(argv: Sequence[str] | None = None) -> list[RunResult]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole(\.|$)")
         try:
-            return _main(argv)
+            results = _main(argv)
+            ddp.leave_group()  # torchrun's workers, whatever they ran (a no-op outside a group)
+            return results
         except RunInterrupted as stop:
             print(f"\n{stop}\n{resume_hint(stop, argv)}", file=sys.stderr)
             raise SystemExit(128 + signal.Signals[stop.signal_name].value) from None
@@ -171,5 +173,4 @@ def _main(argv: Sequence[str] | None) -> list[RunResult]:
             where = [f"checkpoint {r.checkpoint or '(not saved)'}", f"log {r.log_file or '(none)'}"]
             where += [f"unicode dataset {r.data_folder}"] if r.data_folder else []
             print(f"{r.label}: " + ", ".join(where))
-    ddp.leave_group()  # torchrun's workers (a no-op otherwise)
     return results
