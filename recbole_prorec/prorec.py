@@ -68,10 +68,8 @@ class PRORecDropout(nn.Dropout):
     ``rand_like``, 110 us from bytes; 16 such calls per training step, docs/RESULTS.md)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
         threshold = round(self.p * 256)
-        if threshold == 0:
+        if not self.training or threshold == 0:
             return x
         if threshold >= 256:
             return x * 0
@@ -250,10 +248,12 @@ class PRORec(SequentialRecommender):
         child_items = [self.trie.child_items(level) for level in range(self.code_len)]
         # levels where some child completes an item
         self.leaf_levels = {level for level, items in enumerate(child_items) if bool((items >= 0).any())}
-        self.item_temperature = config["item_temperature"]
-        # ranking's factor on each level's logits: 1 / item_temperature where children complete items
-        scale = [1 / self.item_temperature if level in self.leaf_levels else 1.0 for level in range(self.code_len)]
-        self.register_buffer("ranking_scale", torch.tensor(scale)[:, None], persistent=False)
+        # ranking's factor on each level's logits: 1 / item_temperature where children complete
+        # items; None at 1, where ranking is the model's own likelihood
+        temperature = config["item_temperature"]
+        scale = [1 / temperature if level in self.leaf_levels else 1.0 for level in range(self.code_len)]
+        self.register_buffer("ranking_scale", torch.tensor(scale)[:, None] if temperature != 1 else None,
+                             persistent=False)
         if self.item_level:  # buffers, so they follow the model across devices
             for level in range(self.code_len):
                 self.register_buffer(f"child_items_{level}", child_items[level], persistent=False)
@@ -511,7 +511,7 @@ class PRORec(SequentialRecommender):
         users (training loss of that level 3.6 -> 1.5 nats over 30 Beauty epochs while validation
         recall fell); a temperature above 1 spreads the beam over more of the chosen clusters'
         items (docs/RESULTS.md, session 13). Training's loss is untouched."""
-        if self.item_temperature != 1:
+        if self.ranking_scale is not None:
             scale = self.ranking_scale[first_level : first_level + logits.shape[1]]
             logits = (logits * scale).clamp(min=torch.finfo(logits.dtype).min)  # a masked child stays finite
         return logits.log_softmax(-1)
