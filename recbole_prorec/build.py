@@ -16,7 +16,7 @@ from recbole.utils import init_seed
 
 from recbole_prorec.artifact import require_codes
 from recbole_prorec.config import ProjectConfig
-from recbole_prorec.data import check_columns, check_rows, check_split
+from recbole_prorec.data import check_columns, check_rows, check_split, drop_last_interactions
 from recbole_prorec.registry import ModelSpec
 
 
@@ -38,7 +38,8 @@ class Run:
 
 
 def load_data(spec: ModelSpec, config: ProjectConfig) -> Run:
-    """Check the columns ``load_col`` names, then build the dataset and its loaders, seeded."""
+    """Check the columns ``load_col`` names, then build the dataset (less ``drop_last_interactions``)
+    and its loaders, seeded."""
     if spec.needs_stage1:
         require_codes(Path(config["data_path"]), config["dataset"])
     folder = Path(config["data_path"])
@@ -49,6 +50,7 @@ def load_data(spec: ModelSpec, config: ProjectConfig) -> Run:
                 check_rows(folder / f"{config['dataset']}.{suffix}", unique)
     init_seed(config["seed"], config["reproducibility"])
     data = create_dataset(config)
+    drop_last_interactions(data, config["drop_last_interactions"])
     check_split(data, config)
     train, valid, test = data_preparation(config, data)
     return Run(spec, config, data, train, valid, test)

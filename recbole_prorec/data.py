@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from recbole.data.dataset import Dataset
 
@@ -145,6 +146,25 @@ def _check_row(path: Path, header: list[str], fields: list[str], number: int, co
         need = f"each {unique_id} needs exactly one" if column is not None else "remove repeated rows"
         raise ValueError(f"{path}, line {number}: {what} (line {first_line[key]}); {need}")
     first_line[key] = number
+
+
+def drop_last_interactions(dataset: Dataset, n: int) -> None:
+    """Remove each user's ``n`` latest interactions, in the order RecBole's split uses (a stable
+    sort by time, so ties keep file order), before the split. With ``n = 1`` the validation item
+    becomes the test target and the one before it the validation target: a nested leave-one-out
+    on which a setting or an epoch can be chosen by a held-out split that, like the real test,
+    lies two steps past the training data, without reading the real test split. Item and user
+    ids stay those of the full dataset (RecBole's filters and remapping have run), so Stage I
+    codes the same items."""
+    if n < 0:
+        raise ValueError(f"drop_last_interactions must be >= 0, got {n}")
+    if n == 0:
+        return
+    feat = dataset.inter_feat  # a DataFrame until RecBole's build
+    order = np.argsort(feat[dataset.time_field].to_numpy(), kind="stable")
+    users = feat[dataset.uid_field].to_numpy()[order]
+    from_end = pd.Series(users).groupby(users).cumcount(ascending=False).to_numpy()
+    dataset.inter_feat = feat.iloc[np.sort(order[from_end >= n])].reset_index(drop=True)
 
 
 def check_split(dataset: Dataset, config) -> None:

@@ -78,17 +78,25 @@ def run(
     evaluate_test: bool = True,
     saved: bool = True,
     resume: str | None = None,
+    test_every_epoch: bool = False,
 ) -> RunResult:
     """Train and test one model on one dataset (PRORec: Stage I first, or its cached artifact);
     ``evaluate_test=False`` leaves the test split unread, for tuning on validation curves;
     ``saved=False`` (RecBole's flag) writes no checkpoint and tests the last epoch's weights;
     ``resume`` continues an interrupted run from its resume state (a path, or ``"latest"``: the
-    newest of this model on this data). A signal stops training with ``RunInterrupted``."""
+    newest of this model on this data). A signal stops training with ``RunInterrupted``.
+    ``test_every_epoch`` adds the test split's metrics (``test_recall@10``, ...) to every validated
+    epoch of the curve: only where ``drop_last_interactions`` > 0, whose test targets are the real
+    validation items, so the real test split is still read once at most."""
     overrides = dict(overrides or {})
     spec = resolve_model(label)
-    if hasattr(spec.model_class, "check_config"):  # before a Stage I of minutes, not after it
-        plain = {k: v for k, v in overrides.items() if k not in ddp.DDP_KEYS}  # joins no process group
-        spec.model_class.check_config(ProjectConfig(spec, dataset, config_files, plain))
+    # checks before a Stage I of minutes, not after it, on a config that joins no process group
+    early = ProjectConfig(spec, dataset, config_files, {k: v for k, v in overrides.items() if k not in ddp.DDP_KEYS})
+    if test_every_epoch and not early["drop_last_interactions"]:
+        raise ValueError("test_every_epoch reads the test split after every epoch: only with drop_last_interactions "
+                         ">= 1 (a nested split, whose test targets are validation items), never on the real test split")
+    if hasattr(spec.model_class, "check_config"):
+        spec.model_class.check_config(early)
     folder = stage1_folder(spec, dataset, config_files, overrides)
     config = ProjectConfig(spec, dataset, config_files, overrides, data_folder=folder)
     config.check_output_folders(["checkpoint_dir"])
@@ -111,7 +119,8 @@ def run(
     else:
         if resume:
             trainer.resume_checkpoint(latest_resume_file(config) if resume == LATEST else resume)
-        trainer.fit(data.train, data.valid, saved=saved, show_progress=show)
+        also_test = (lambda *_: trainer.curve[-1].update(test_metrics(trainer, data.test))) if test_every_epoch else None
+        trainer.fit(data.train, data.valid, saved=saved, show_progress=show, callback_fn=also_test)
     test_result = trainer.evaluate(data.test, load_best_model=saved, show_progress=show) if evaluate_test else {}
     logger.info(f"best valid: {trainer.best_valid_result}")
     if evaluate_test:
@@ -132,6 +141,11 @@ def run(
         best_valid_score=float(trainer.best_valid_score),
         valid_score_bigger=bool(config["valid_metric_bigger"]),
     )
+
+
+def test_metrics(trainer: SafeTrainer, test) -> dict[str, float]:
+    """The current weights' metrics on ``test``, named ``test_<metric>``."""
+    return {f"test_{k}": float(v) for k, v in trainer.evaluate(test, load_best_model=False).items()}
 
 
 def pretrain(data: Run) -> float:

@@ -42,7 +42,7 @@ IGNORED_KEYS = {
 }
 # Keys added after artifacts were cached, hashed only when set away from their default, so adding
 # an option does not retrain every existing Stage I.
-HASHED_WHEN_SET = {"hkmeans_balanced": False}
+HASHED_WHEN_SET = {"hkmeans_balanced": False, "drop_last_interactions": 0}
 
 
 def stage1_config(dataset: str, config_files: Sequence[str], overrides: Mapping[str, Any]) -> ProjectConfig:

@@ -153,9 +153,14 @@ def test_curves_quick_writes_table_plot_and_appends(capsys, tmp_path, monkeypatc
     assert len(records) == 4 and json.loads(out.with_suffix(".json").read_text()) == records
     # --append keeps the earlier records: the "before" curve survives the "after" run
     more = load("curves").main(["--quick", "--device", "cpu", "--out", str(out), "--models", "SASRec-CE",
-                                "--tag", "after", "--append", "--epochs", "1"])
+                                "--tag", "after", "--append", "--epochs", "1", "--pseudo-test"])
     assert [r["label"] for r in more] == ["SASRec-CE"] * 2 + ["PRORec"] * 2 + ["SASRec-CE (after)"]
     assert "SASRec-CE (after)" in out.read_text() and "PRORec" in out.read_text()
+    # --pseudo-test: a nested split, its test split read after the epoch; the earlier runs have no such metrics
+    assert 0 <= more[-1]["test_ndcg@10"] <= more[-1]["test_recall@10"] <= 1
+    assert not any(k.startswith("test_") for r in more[:-1] for k in r)
+    header, rows = table_with(out.read_text(), "selected by")
+    assert {(r[0], r[header.index("epoch")]) for r in rows} == {("SASRec-CE (after)", "0")}
 
 
 def test_frequency_quick_groups_users_and_matches_recbole(capsys, monkeypatch):
@@ -295,3 +300,17 @@ def test_cold_start_quick_holds_items_out_and_adds_them_back(tmp_path):
         assert row["lists with a new item"] <= row["new items per list"]  # a list with one holds at least one
     text = out.read_text()
     assert "| tree | ridge |" in text and "held-out items (5%, seed 2020)" in text and "quick mode" in text
+
+
+def test_curves_selection_picks_each_rules_best_epoch_first_on_ties():
+    records = [{"label": "M", "seed": 1, "epoch": e, "elapsed_s": 10.0 * (e + 1), "ndcg@10": n, "recall@10": r,
+                "recall@20": r20, "test_ndcg@10": tn, "test_recall@10": tr, "test_recall@20": 0.2, "test_ndcg@20": 0.1}
+               for e, (n, r, r20, tn, tr) in enumerate([(.01, .05, .09, .03, .06), (.02, .07, .11, .02, .08),
+                                                         (.03, .07, .10, .01, .05)])]
+    records.append({"label": "valid only", "seed": 1, "epoch": 0, "elapsed_s": 1.0, "ndcg@10": .5, "recall@10": .5})
+    header, rows = table_with(load("curves").selection_table(records), "selected by")
+    picked = {r[header.index("selected by")]: int(r[header.index("epoch")]) for r in rows}
+    assert picked == {"best valid ndcg@10": 2, "best valid recall@10": 1, "best valid recall@20": 1,
+                      "ceiling: best pseudo-test ndcg@10": 0, "ceiling: best pseudo-test recall@10": 1}
+    assert {r[0] for r in rows} == {"M"}  # a run without pseudo-test metrics has no selection rows
+    assert load("curves").selection_table(records[-1:]) == ""

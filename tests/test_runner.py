@@ -204,3 +204,41 @@ def test_command_line_silences_recboles_future_warnings_and_says_where_outputs_a
     assert f"PRORec: checkpoint {result.checkpoint}, log {log}, unicode dataset {result.data_folder}" in out
     assert Path(result.checkpoint).is_file() and (not result.log_file or Path(result.log_file).is_file())
     assert (Path(result.data_folder) / "stage1.json").is_file()
+
+
+def _targets(loader) -> dict[int, int]:
+    """Each user's target item in an evaluation loader (RecBole's full-sort batches)."""
+    targets = {}
+    for interaction, *_ in loader:
+        targets.update(zip(interaction["user_id"].tolist(), interaction["item_id"].tolist()))
+    return targets
+
+
+def test_dropping_each_users_last_interaction_makes_the_validation_item_the_test_target(tiny_overrides):
+    from conftest import build_recbole
+
+    _, full, (_, valid, _) = build_recbole("SASRec", tiny_overrides())
+    _, nested, (_, nested_valid, nested_test) = build_recbole("SASRec", tiny_overrides(drop_last_interactions=1))
+    assert nested.inter_num == full.inter_num - (full.user_num - 1)  # one interaction per user
+    assert nested.item_num == full.item_num and nested.user_num == full.user_num  # the same ids
+    assert _targets(nested_test) == _targets(valid)  # the nested test targets are the real validation items
+    assert len(_targets(nested_valid)) == full.user_num - 1
+    with pytest.raises(ValueError, match="drop_last_interactions must be >= 0, got -1"):
+        build_recbole("SASRec", tiny_overrides(drop_last_interactions=-1))
+
+
+def test_test_metrics_every_epoch_only_on_a_nested_split(tiny_overrides):
+    from conftest import DATASET
+    from recbole_prorec.runner import run
+
+    overrides = tiny_overrides(epochs=2)
+    with pytest.raises(ValueError, match="only with drop_last_interactions >= 1"):
+        run("SASRec-CE", DATASET, [], overrides, test_every_epoch=True)
+    result = run("SASRec-CE", DATASET, [], {**overrides, "drop_last_interactions": 1}, saved=False,
+                 test_every_epoch=True)
+    assert [entry["epoch"] for entry in result.curve] == [0, 1]
+    for entry in result.curve:
+        assert 0 <= entry["test_ndcg@10"] <= entry["test_recall@10"] <= entry["test_recall@20"] <= 1
+        assert 0 <= entry["ndcg@10"] <= 1  # validation metrics stay under their own names
+    # saved=False tests the last weights: the same numbers as the last epoch's pseudo-test
+    assert {k: result.curve[-1][f"test_{k}"] for k in result.test} == pytest.approx(result.test)
