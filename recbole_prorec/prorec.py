@@ -268,6 +268,7 @@ class PRORec(SequentialRecommender):
             self.register_buffer("integrated", integrated, persistent=False)
         if self.integrated_item_tokens:
             self.integrated_proj = nn.Linear(self.integrated.shape[1], self.hidden, bias=False)
+        self.item_id_dropout = config["item_id_dropout"]
         self.item_position = nn.Embedding(self.max_seq_length, self.hidden)
         self.decoder_position = nn.Embedding(self.code_len + 2, self.hidden)
         sizes = (self.hidden, config["n_heads"], config["inner_size"], config["dropout_prob"], config["attn_dropout_prob"])
@@ -297,6 +298,8 @@ class PRORec(SequentialRecommender):
             raise ValueError(f"hidden_size {config['hidden_size']} is not divisible by n_heads {config['n_heads']}")
         if config["beam_size"] < max(config["topk"]):
             raise ValueError(f"beam_size {config['beam_size']} must be >= max(topk) = {max(config['topk'])}")
+        if not 0 <= config["item_id_dropout"] < 1:
+            raise ValueError(f"item_id_dropout must lie in [0, 1), got {config['item_id_dropout']}")
         if not config["item_temperature"] > 0:
             raise ValueError(f"item_temperature must be > 0, got {config['item_temperature']}")
         if config["ikd_weight"] and (config["ikd_tau"] <= 0 or config["ikd_negatives"] < 1):
@@ -320,8 +323,12 @@ class PRORec(SequentialRecommender):
         table = self.token_embedding.weight
         if not self.integrated_item_tokens:
             return table
-        items = table[self.item_offset :] + self.integrated_proj(self.integrated)
-        return torch.cat([table[: self.item_offset], items])
+        free = table[self.item_offset :]
+        if self.training and self.item_id_dropout:
+            # ID dropout: for a share of the items, this pass sees only what Stage I knows of them,
+            # as it effectively does for items seldom trained on
+            free = free * (torch.rand(len(free), 1, device=free.device) >= self.item_id_dropout)
+        return torch.cat([table[: self.item_offset], free + self.integrated_proj(self.integrated)])
 
     @contextmanager
     def one_table(self):

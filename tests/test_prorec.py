@@ -442,6 +442,33 @@ def test_integrated_item_tokens_add_the_projected_stage1_embedding(stage2):
     assert not shared.integrated_item_tokens and not hasattr(shared, "integrated_proj")  # shared form has no item tokens
 
 
+def test_item_id_dropout_leaves_the_free_part_out_of_a_share_of_item_tokens_in_training_only(stage2):
+    """Training: each item token is either its free embedding + W e_item or W e_item alone, one draw
+    per item and pass (encoder, decoder and scores share it); evaluation: always the full token."""
+    model = randomise(make_prorec(stage2, item_id_dropout=0.5), 3)
+    full = model.eval().token_table().detach()
+    projected = full - model.token_embedding.weight.detach()
+    torch.manual_seed(0)
+    table = model.train().token_table().detach()
+    torch.testing.assert_close(table[: model.item_offset], full[: model.item_offset])  # level tokens untouched
+    items = torch.arange(model.item_offset, len(full))
+    kept = (table[items] - full[items]).abs().amax(1) < 1e-6
+    dropped = (table[items] - projected[items]).abs().amax(1) < 1e-6
+    assert bool((kept ^ dropped).all())  # each row one or the other, never a mix
+    assert 0.2 < dropped.float().mean() < 0.8  # about half of the 47 items
+    torch.testing.assert_close(model.eval().token_table(), full)
+    model.train()
+    torch.manual_seed(1)
+    loss = sum(model.calculate_loss(first_batch(stage2[2][0])))
+    assert torch.isfinite(loss) and loss.requires_grad
+    with pytest.raises(ValueError, match=r"item_id_dropout must lie in \[0, 1\), got 1.0"):
+        make_prorec(stage2, item_id_dropout=1.0)
+    # free item tokens are never dropped (an empty token); the shared form has none
+    for form in ({"integrated_item_tokens": False}, {"last_code_token": "shared"}):
+        plain = make_prorec(stage2, item_id_dropout=0.5, **form)
+        torch.testing.assert_close(plain.train().token_table(), plain.token_embedding.weight)
+
+
 @pytest.mark.parametrize("form", ["item", "integrated"])
 def test_item_scores_are_the_same_with_and_without_gradients(stage2, form):
     """Training scores items by a gather and a batched product, inference per trie node: the same numbers."""
