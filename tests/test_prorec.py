@@ -92,7 +92,8 @@ def test_item_history_tokens_are_the_sums_of_each_items_code_embeddings(stage2, 
 
 FORMS = {"item": {"integrated_item_tokens": False}, "shared": {"last_code_token": "shared"}, "integrated": {},
          "item history": {"history_tokens": "item"}, "plain likelihood": {"item_temperature": 1.0},
-         "shared, temperature 0.5": {"last_code_token": "shared", "item_temperature": 0.5}}
+         "shared, temperature 0.5": {"last_code_token": "shared", "item_temperature": 0.5},
+         "integrated, no ID dropout": {"item_id_dropout": 0.0}}
 
 
 @pytest.mark.parametrize("seed,form", [(0, "item"), (1, "item"), (0, "shared"), (1, "shared"), (0, "integrated"),
@@ -251,7 +252,7 @@ def chance_loss(model: PRORec, targets: torch.Tensor) -> float:
     return total.mean().item()
 
 
-@pytest.mark.parametrize("form", ["item", "shared", "integrated", "item history"])
+@pytest.mark.parametrize("form", ["item", "shared", "integrated", "integrated, no ID dropout", "item history"])
 def test_training_lowers_both_losses(stage2, form):
     _, _, (train, _, _) = stage2
     model = make_prorec(stage2, **FORMS[form])
