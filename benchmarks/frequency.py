@@ -1,4 +1,5 @@
-"""Where trained models win and lose: Recall@20 by how often the target item occurs in training.
+"""Where trained models win and lose: Recall@20 by how often the target item occurs in training,
+and whether their overall differences are larger than chance (paired, user by user).
 
 For each ``--run LABEL=CHECKPOINT`` (a model or variant and a checkpoint the runner saved for it)
 the script rebuilds the run's data (PRORec: its Stage-I artifact for the same settings, which Stage I
@@ -6,8 +7,11 @@ writes first if it is not cached), loads the weights and ranks every user's targ
 with the full-ranking protocol. Users are grouped by how often their target is a training target
 (RecBole's training examples, one per history prefix); per group it reports Recall@20 of each
 run and, for models of codes, the share of users whose target's first code is among the top 20's.
-That separates items the model cannot rank (rare ones) from clusters it cannot find. ``valid``
-is the default; ``--split test`` reads the test split, for explaining a reported row only.
+That separates items the model cannot rank (rare ones) from clusters it cannot find. With two
+runs or more, every later run is set against the first on the same users: Recall and NDCG at
+10 and 20, their difference, its 95 % interval and p-value (paired t-test), so that a row's
+lead or lag can be told from the noise of one split. ``valid`` is the default; ``--split test``
+reads the test split, for explaining a reported row only.
 
     python benchmarks/frequency.py --dataset Amazon_Beauty --run PRORec=saved/PRORec-X.pth \\
         --run SASRec-CE=saved/SASRec-Y.pth --split valid --out docs/frequency_Amazon_Beauty.md
@@ -27,6 +31,7 @@ from common import Report, add_run_arguments, base_parser, markdown_table, run_o
 
 BUCKETS = (0, 5, 10, 20, 50)  # lower edges of the target-frequency groups
 TOP = 20
+CUTOFFS = (10, 20)  # of the paired comparison
 
 
 def ranks(model, loader, device) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -88,6 +93,51 @@ def bucket_rows(results: dict[str, tuple]) -> list[list]:
     return rows
 
 
+def user_metrics(rank: np.ndarray) -> dict[str, np.ndarray]:
+    """Each user's Recall@k and NDCG@k from the 0-based rank of its one target (leave-one-out:
+    RecBole's figures are their means)."""
+    metrics = {}
+    for k in CUTOFFS:
+        metrics[f"Recall@{k}"] = (rank < k).astype(float)
+        metrics[f"NDCG@{k}"] = np.where(rank < k, 1 / np.log2(rank + 2.0), 0.0)
+    return metrics
+
+
+def paired_rows(results: dict[str, tuple]) -> list[list]:
+    """Every later run against the first, metric by metric, on the same users: both means, the
+    difference, its 95 % interval and the p-value of a paired t-test (scipy's ``ttest_rel``).
+    Pairing removes what the users share (a hard target is hard for both models), so a
+    difference far smaller than either metric's own spread can still be told from chance."""
+    from scipy.stats import ttest_rel
+
+    (first_label, (targets0, rank0, _, _)), *others = results.items()
+    base = user_metrics(rank0)
+    rows = []
+    for label, (targets, rank, _, _) in others:
+        if not np.array_equal(targets, targets0):
+            raise ValueError(f"runs {first_label!r} and {label!r} rank different users or targets: "
+                             "compare runs of the same dataset, split and settings")
+        for name, values in user_metrics(rank).items():
+            diff = values - base[name]
+            if not diff.any():  # identical rankings: no spread to test against
+                low = high = 0.0
+                p = 1.0
+            else:
+                test = ttest_rel(values, base[name])
+                low, high = test.confidence_interval(0.95)
+                p = float(test.pvalue)
+            rows.append([f"{label} - {first_label}", name, f"{base[name].mean():.4f}", f"{values.mean():.4f}",
+                         f"{diff.mean():+.4f}", f"[{low:+.4f}, {high:+.4f}]", f"{p:.3g}"])
+    return rows
+
+
+def run_names(pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """A name per ``(label, checkpoint)`` for the tables: the label, or where two runs share it
+    (two checkpoints of one model, before and after a change) the label and checkpoint's stem."""
+    labels = [label for label, _ in pairs]
+    return [label if labels.count(label) == 1 else f"{label} ({Path(path).stem})" for label, path in pairs]
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = base_parser(__doc__.split("\n")[0])
     parser.add_argument("--dataset", default="ml-100k")
@@ -108,21 +158,29 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not pairs or any(not label or not path for label, path in pairs):
         parser.error("give at least one --run LABEL=CHECKPOINT")
     try:
-        results = {label: evaluate_run(label, path, args.dataset, files, overrides, args.split, device)
-                   for label, path in pairs}
+        results = {name: evaluate_run(label, path, args.dataset, files, overrides, args.split, device)
+                   for name, (label, path) in zip(run_names(pairs), pairs)}
     finally:
         if tmp:
             tmp.cleanup()
     report = Report(f"Recall@{TOP} by target frequency ({args.dataset}, {args.split})",
                     ["benchmarks/frequency.py", *(sys.argv[1:] if argv is None else argv)])
     header = ["times the target is a training target", "users"]
-    for label, _ in pairs:
-        header += [f"{label} Recall@{TOP}", f"{label} first code in top {TOP}"]
-    report.add(f"Checkpoints: {', '.join(f'{label} = `{path}`' for label, path in pairs)}. First code: the share "
+    for name in results:
+        header += [f"{name} Recall@{TOP}", f"{name} first code in top {TOP}"]
+    report.add(f"Checkpoints: {', '.join(f'{name} = `{path}`' for name, (_, path) in zip(results, pairs))}. "
+               "First code: the share "
                f"of users whose target's first code is among the top {TOP} items' (models of codes only).\n\n"
                + markdown_table(header, bucket_rows(results)))
+    if len(results) > 1:
+        users = len(next(iter(results.values()))[0])
+        report.add(f"Paired differences on the same {users:,} users (difference: later run minus first; "
+                   "95 % interval and p of a paired t-test):\n\n"
+                   + markdown_table(["runs", "metric", "first run", "later run", "difference", "95 % interval",
+                                     "p"], paired_rows(results)))
     report.save(args.out)
-    return {label: {"recall@20": float((r[1] < TOP).mean())} for label, r in results.items()}
+    return {label: {name.lower(): float(values.mean()) for name, values in user_metrics(r[1]).items()}
+            for label, r in results.items()}
 
 
 if __name__ == "__main__":

@@ -169,7 +169,8 @@ def test_frequency_quick_groups_users_and_matches_recbole(capsys, monkeypatch):
     results, real = {}, runner.run
     monkeypatch.setattr(runner, "run", lambda label, *a, **kw: results.setdefault(label, real(label, *a, **kw)))
     summary = load("frequency").main(["--quick", "--device", "cpu"])
-    header, rows = table_with(capsys.readouterr().out, "PRORec Recall@20")
+    text = capsys.readouterr().out
+    header, rows = table_with(text, "PRORec Recall@20")
     groups = ["0-4", "5-9", "10-19", "20-49", ">= 50"]
     assert len(rows) >= 3 and [r[0] for r in rows] == [g for g in groups if g in {r[0] for r in rows}]
     users = column(header, rows, "users")
@@ -179,11 +180,47 @@ def test_frequency_quick_groups_users_and_matches_recbole(capsys, monkeypatch):
         # the groups' recalls, weighted by their users, are RecBole's own validation Recall@20
         overall = sum(u * r for u, r in zip(users, recall)) / sum(users)
         assert overall == pytest.approx(results[label].valid["recall@20"], abs=2e-3)
-        assert summary[label]["recall@20"] == pytest.approx(results[label].valid["recall@20"], abs=1e-4)
+        for metric in ("recall@10", "recall@20", "ndcg@10", "ndcg@20"):
+            assert summary[label][metric] == pytest.approx(results[label].valid[metric], abs=1e-4)
     # a target in the top 20 brings its first code along, so that share bounds the recall
     first = column(header, rows, "PRORec first code in top 20")
     assert all(f >= r for f, r in zip(first, column(header, rows, "PRORec Recall@20")))
     assert all(r[header.index("SASRec-CE first code in top 20")] == "" for r in rows)
+    # the second run against the first, on the same users: both means are RecBole's figures
+    header, rows = table_with(text, "95 % interval")
+    assert [r[1] for r in rows] == ["Recall@10", "NDCG@10", "Recall@20", "NDCG@20"]
+    for run, metric, first, later, diff, interval, p in rows:
+        assert run == "SASRec-CE - PRORec"
+        assert float(first) == pytest.approx(summary["PRORec"][metric.lower()], abs=1e-4)
+        assert float(later) == pytest.approx(summary["SASRec-CE"][metric.lower()], abs=1e-4)
+        assert float(diff) == pytest.approx(float(later) - float(first), abs=2e-4)
+        low, high = (float(v) for v in interval.strip("[]").split(","))
+        assert low <= float(diff) <= high and 0 <= float(p) <= 1
+
+
+def test_paired_rows_test_the_difference_user_by_user():
+    frequency = load("frequency")
+    targets = np.arange(400)
+    rank_a = np.tile([0, 3, 12, 40], 100)  # Recall@10 .5, Recall@20 .75
+    rank_b = rank_a.copy()
+    rank_b[:40] = 0  # 10 users of each rank moved to the top: 20 more hits at 10, 10 more at 20
+    same = frequency.paired_rows({"A": (targets, rank_a, None, None), "A again": (targets, rank_a.copy(), None, None)})
+    assert {(r[4], r[5], r[6]) for r in same} == {("+0.0000", "[+0.0000, +0.0000]", "1")}
+    rows = {r[1]: r for r in frequency.paired_rows({"A": (targets, rank_a, None, None), "B": (targets, rank_b, None, None)})}
+    assert rows["Recall@10"][2:5] == ["0.5000", "0.5500", "+0.0500"]
+    assert rows["Recall@20"][2:5] == ["0.7500", "0.7750", "+0.0250"]
+    ndcg_gain = 10 * ((1 - 1 / np.log2(5)) + (1 - 1 / np.log2(14)) + 1) / 400  # ranks 3, 12, 40 -> 0
+    assert float(rows["NDCG@20"][4]) == pytest.approx(ndcg_gain, abs=1e-4)
+    low, high = (float(v) for v in rows["Recall@10"][5].strip("[]").split(","))
+    assert 0 < low < 0.05 < high and float(rows["Recall@10"][6]) < 1e-4  # 20 of 400 users, all one way
+    with pytest.raises(ValueError, match="'A' and 'C' rank different users"):
+        frequency.paired_rows({"A": (targets, rank_a, None, None), "C": (targets[::-1], rank_a, None, None)})
+
+
+def test_two_checkpoints_of_one_model_keep_apart_in_the_tables():
+    names = load("frequency").run_names([("PRORec", "saved/PRORec-a.pth"), ("SASRec-CE", "saved/SASRec-b.pth"),
+                                         ("PRORec", "saved/PRORec-c.pth")])
+    assert names == ["PRORec (PRORec-a)", "SASRec-CE", "PRORec (PRORec-c)"]
 
 
 def test_memory_quick_traces_every_phase_once_in_order(tmp_path):
