@@ -168,9 +168,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     header = ["times the target is a training target", "users"]
     for name in results:
         header += [f"{name} Recall@{TOP}", f"{name} first code in top {TOP}"]
-    report.add(f"Checkpoints: {', '.join(f'{name} = `{path}`' for name, (_, path) in zip(results, pairs))}. "
-               "First code: the share "
-               f"of users whose target's first code is among the top {TOP} items' (models of codes only).\n\n"
+    checkpoints = ", ".join(f"{name} = `{path}`" for name, (_, path) in zip(results, pairs))
+    report.add(f"Checkpoints: {checkpoints}. First code: the share of users whose target's first code is among "
+               f"the top {TOP} items' (models of codes only).\n\n"
                + markdown_table(header, bucket_rows(results)))
     if len(results) > 1:
         users = len(next(iter(results.values()))[0])
