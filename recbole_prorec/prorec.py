@@ -207,6 +207,19 @@ class PRORecDecoderLayer(nn.Module):
         return x + self.dropout(self.ffn(self.norms[2](x))), keys
 
 
+def id_dropout_share(epoch: int, final: float, start: float | None, ramp: tuple[int, int] | None) -> float:
+    """The share of items whose free embedding training leaves out of their token in ``epoch``:
+    ``start`` up to epoch ``ramp[0]``, ``final`` from ``ramp[1]`` on, linear between; ``final``
+    throughout without a ``start``. A low share early lets item tokens learn fast while the
+    model is far from fitting them; a higher one later keeps them from being memorised."""
+    if start is None or epoch >= ramp[1]:
+        return final
+    first, last = ramp
+    if epoch <= first:
+        return start
+    return start + (final - start) * (epoch - first) / (last - first)
+
+
 class PRORec(SequentialRecommender):
     """Generative recommender over Stage-I unicodes with intra-modality knowledge distillation."""
 
@@ -268,7 +281,9 @@ class PRORec(SequentialRecommender):
             self.register_buffer("integrated", integrated, persistent=False)
         if self.integrated_item_tokens:
             self.integrated_proj = nn.Linear(self.integrated.shape[1], self.hidden, bias=False)
-        self.item_id_dropout = config["item_id_dropout"]
+        self.id_dropout_schedule = (config["item_id_dropout"], config["item_id_dropout_start"],
+                                    config["item_id_dropout_ramp"])
+        self.item_id_dropout = id_dropout_share(0, *self.id_dropout_schedule)
         self.item_position = nn.Embedding(self.max_seq_length, self.hidden)
         self.decoder_position = nn.Embedding(self.code_len + 2, self.hidden)
         sizes = (self.hidden, config["n_heads"], config["inner_size"], config["dropout_prob"], config["attn_dropout_prob"])
@@ -300,10 +315,22 @@ class PRORec(SequentialRecommender):
             raise ValueError(f"beam_size {config['beam_size']} must be >= max(topk) = {max(config['topk'])}")
         if not 0 <= config["item_id_dropout"] < 1:
             raise ValueError(f"item_id_dropout must lie in [0, 1), got {config['item_id_dropout']}")
+        start, ramp = config["item_id_dropout_start"], config["item_id_dropout_ramp"]
+        if start is not None and not 0 <= start < 1:
+            raise ValueError(f"item_id_dropout_start must lie in [0, 1), got {start}")
+        if start is not None and not (isinstance(ramp, (list, tuple)) and len(ramp) == 2
+                                      and all(isinstance(epoch, int) for epoch in ramp) and 0 <= ramp[0] <= ramp[1]):
+            raise ValueError("item_id_dropout_ramp must be two epochs [first, last] with 0 <= first <= last "
+                             f"when item_id_dropout_start is set, got {ramp!r}")
         if not config["item_temperature"] > 0:
             raise ValueError(f"item_temperature must be > 0, got {config['item_temperature']}")
         if config["ikd_weight"] and (config["ikd_tau"] <= 0 or config["ikd_negatives"] < 1):
             raise ValueError("ikd_tau must be > 0 and ikd_negatives >= 1 when ikd_weight > 0")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the trainer before each training epoch (``epoch`` from 0, resumed runs
+        included): moves the ID-dropout share along its schedule."""
+        self.item_id_dropout = id_dropout_share(epoch, *self.id_dropout_schedule)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -308,6 +308,8 @@ class SafeTrainer(Trainer):
         if self.time_budget and monotonic() - self._fit_start >= self.time_budget and self.epochs_run:
             raise _BudgetExhausted
         start = monotonic()
+        if hasattr(self.model, "set_epoch"):  # a model's per-epoch schedule (PRORec's ID dropout)
+            self.model.set_epoch(epoch_idx)
         self._batches_per_epoch = len(train_data)
         loss = super()._train_epoch(_StoppableLoader(train_data, self), epoch_idx, loss_func, show_progress)
         release_freed_memory()

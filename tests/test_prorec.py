@@ -12,7 +12,7 @@ from torch import nn
 from recbole.data.interaction import Interaction
 
 from conftest import DATASET, build_recbole, make_prorec
-from recbole_prorec.prorec import PRORec
+from recbole_prorec.prorec import PRORec, id_dropout_share
 from recbole_prorec.trainer import SafeTrainer
 
 
@@ -443,20 +443,27 @@ def test_integrated_item_tokens_add_the_projected_stage1_embedding(stage2):
     assert not shared.integrated_item_tokens and not hasattr(shared, "integrated_proj")  # shared form has no item tokens
 
 
-def test_item_id_dropout_leaves_the_free_part_out_of_a_share_of_item_tokens_in_training_only(stage2):
-    """Training: each item token is either its free embedding + W e_item or W e_item alone, one draw
-    per item and pass (encoder, decoder and scores share it); evaluation: always the full token."""
-    model = randomise(make_prorec(stage2, item_id_dropout=0.5), 3)
+def dropped_items(model: PRORec, seed: int) -> torch.Tensor:
+    """Which item tokens a training pass drawn with ``seed`` leaves without their free embedding;
+    asserts that every other item token is whole and the level tokens untouched."""
     full = model.eval().token_table().detach()
     projected = full - model.token_embedding.weight.detach()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     table = model.train().token_table().detach()
     torch.testing.assert_close(table[: model.item_offset], full[: model.item_offset])  # level tokens untouched
     items = torch.arange(model.item_offset, len(full))
     kept = (table[items] - full[items]).abs().amax(1) < 1e-6
     dropped = (table[items] - projected[items]).abs().amax(1) < 1e-6
     assert bool((kept ^ dropped).all())  # each row one or the other, never a mix
-    assert 0.2 < dropped.float().mean() < 0.8  # about half of the 47 items
+    return dropped
+
+
+def test_item_id_dropout_leaves_the_free_part_out_of_a_share_of_item_tokens_in_training_only(stage2):
+    """Training: each item token is either its free embedding + W e_item or W e_item alone, one draw
+    per item and pass (encoder, decoder and scores share it); evaluation: always the full token."""
+    model = randomise(make_prorec(stage2, item_id_dropout=0.5), 3)
+    full = model.eval().token_table().detach()
+    assert 0.2 < dropped_items(model, 0).float().mean() < 0.8  # about half of the 47 items
     torch.testing.assert_close(model.eval().token_table(), full)
     model.train()
     torch.manual_seed(1)
@@ -468,6 +475,27 @@ def test_item_id_dropout_leaves_the_free_part_out_of_a_share_of_item_tokens_in_t
     for form in ({"integrated_item_tokens": False}, {"last_code_token": "shared"}):
         plain = make_prorec(stage2, item_id_dropout=0.5, **form)
         torch.testing.assert_close(plain.train().token_table(), plain.token_embedding.weight)
+
+
+def test_id_dropout_share_moves_from_its_start_to_item_id_dropout_over_the_ramp(stage2):
+    assert [id_dropout_share(e, 0.5, 0.3, (2, 6)) for e in range(8)] == pytest.approx(
+        [0.3, 0.3, 0.3, 0.35, 0.4, 0.45, 0.5, 0.5])
+    assert [id_dropout_share(e, 0.5, 0.1, (3, 3)) for e in (2, 3)] == [0.1, 0.5]  # a step
+    assert id_dropout_share(0, 0.5, None, None) == 0.5  # no start: constant
+    model = randomise(make_prorec(stage2, item_id_dropout=0.6, item_id_dropout_start=0.1, item_id_dropout_ramp=[1, 3]), 3)
+    assert model.item_id_dropout == 0.1  # before the trainer's first set_epoch
+    early = dropped_items(model, 0)
+    model.set_epoch(2)
+    assert model.item_id_dropout == pytest.approx(0.35)
+    model.set_epoch(9)
+    late = dropped_items(model, 0)
+    # the same draws against a higher share: the early pass's dropped items and more
+    assert bool((late | ~early).all()) and int(late.sum()) > int(early.sum())
+    for bad, message in ((dict(item_id_dropout_start=1.0), r"item_id_dropout_start must lie in \[0, 1\), got 1.0"),
+                         (dict(item_id_dropout_start=0.1), r"item_id_dropout_ramp must be two epochs .* got None"),
+                         (dict(item_id_dropout_start=0.1, item_id_dropout_ramp=[3, 1]), r"got \[3, 1\]")):
+        with pytest.raises(ValueError, match=message):
+            make_prorec(stage2, **bad)
 
 
 @pytest.mark.parametrize("form", ["item", "integrated"])

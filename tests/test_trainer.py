@@ -46,11 +46,13 @@ def test_fit_follows_the_schedule_and_records_a_curve(stage2, tmp_path, schedule
     try:
         model = make_prorec(stage2)
         trainer = SafeTrainer(config, model)
-        rates = []
+        rates, epochs_set = [], []
         trainer.optimizer.register_step_pre_hook(lambda opt, *_: rates.append(opt.param_groups[0]["lr"]))
+        model.set_epoch = epochs_set.append
         trainer.fit(train, valid, saved=True)
     finally:
         config.final_config_dict.update(saved)
+    assert epochs_set == [0, 1]  # before each training epoch
     steps = 2 * len(train)
     base = config["learning_rate"]
     assert rates == pytest.approx([base * lr_factor(k, 3, schedule, steps, 0.2) for k in range(steps)])
@@ -82,13 +84,14 @@ def test_resumed_run_goes_on_with_the_schedule(stage2, tmp_path, monkeypatch):
                 first.fit(train, valid, saved=True)
         second = SafeTrainer(config, make_prorec(stage2))
         second.resume_checkpoint(stopped.value.resume_file)
-        rates = []
+        rates, epochs_set = [], []
         second.optimizer.register_step_pre_hook(lambda opt, *_: rates.append(opt.param_groups[0]["lr"]))
+        second.model.set_epoch = epochs_set.append  # the model's per-epoch schedules go on too
         second.fit(train, valid, saved=True)
     finally:
         config.final_config_dict.update(saved)
     n = len(train)
-    assert second.lr_step == 2 * n and [e["epoch"] for e in second.curve] == [0, 1]
+    assert second.lr_step == 2 * n and [e["epoch"] for e in second.curve] == [0, 1] and epochs_set == [1]
     base = config["learning_rate"]
     assert rates == pytest.approx([base * lr_factor(n + k, 2, "inverse_sqrt", 2 * n) for k in range(n)])
 
