@@ -492,7 +492,8 @@ def test_id_dropout_share_moves_from_its_start_to_item_id_dropout_over_the_ramp(
     # the same draws against a higher share: the early pass's dropped items and more
     assert bool((late | ~early).all()) and int(late.sum()) > int(early.sum())
     for bad, message in ((dict(item_id_dropout_start=1.0), r"item_id_dropout_start must lie in \[0, 1\), got 1.0"),
-                         (dict(item_id_dropout_start=0.1), r"item_id_dropout_ramp must be two epochs .* got None"),
+                         (dict(item_id_dropout_start=0.1, item_id_dropout_ramp=None),
+                          r"item_id_dropout_ramp must be two epochs .* got None"),
                          (dict(item_id_dropout_start=0.1, item_id_dropout_ramp=[3, 1]), r"got \[3, 1\]")):
         with pytest.raises(ValueError, match=message):
             make_prorec(stage2, **bad)
