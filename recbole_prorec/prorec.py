@@ -22,6 +22,7 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
@@ -212,12 +213,7 @@ def id_dropout_share(epoch: int, final: float, start: float | None, ramp: tuple[
     ``start`` up to epoch ``ramp[0]``, ``final`` from ``ramp[1]`` on, linear between; ``final``
     throughout without a ``start``. A low share early lets item tokens learn fast while the
     model is far from fitting them; a higher one later keeps them from being memorised."""
-    if start is None or epoch >= ramp[1]:
-        return final
-    first, last = ramp
-    if epoch <= first:
-        return start
-    return start + (final - start) * (epoch - first) / (last - first)
+    return final if start is None else float(np.interp(epoch, ramp, (start, final)))
 
 
 class PRORec(SequentialRecommender):
@@ -316,12 +312,13 @@ class PRORec(SequentialRecommender):
         if not 0 <= config["item_id_dropout"] < 1:
             raise ValueError(f"item_id_dropout must lie in [0, 1), got {config['item_id_dropout']}")
         start, ramp = config["item_id_dropout_start"], config["item_id_dropout_ramp"]
-        if start is not None and not 0 <= start < 1:
-            raise ValueError(f"item_id_dropout_start must lie in [0, 1), got {start}")
-        if start is not None and not (isinstance(ramp, (list, tuple)) and len(ramp) == 2
-                                      and all(isinstance(epoch, int) for epoch in ramp) and 0 <= ramp[0] <= ramp[1]):
-            raise ValueError("item_id_dropout_ramp must be two epochs [first, last] with 0 <= first <= last "
-                             f"when item_id_dropout_start is set, got {ramp!r}")
+        if start is not None:
+            if not 0 <= start < 1:
+                raise ValueError(f"item_id_dropout_start must lie in [0, 1), got {start}")
+            if not (isinstance(ramp, (list, tuple)) and len(ramp) == 2 and all(isinstance(e, int) for e in ramp)
+                    and 0 <= ramp[0] <= ramp[1]):
+                raise ValueError("item_id_dropout_ramp must be two epochs [first, last] with 0 <= first <= last "
+                                 f"when item_id_dropout_start is set, got {ramp!r}")
         if not config["item_temperature"] > 0:
             raise ValueError(f"item_temperature must be > 0, got {config['item_temperature']}")
         if config["ikd_weight"] and (config["ikd_tau"] <= 0 or config["ikd_negatives"] < 1):
