@@ -435,9 +435,16 @@ def run_overrides(args: argparse.Namespace, parser: argparse.ArgumentParser, dev
         # a fresh Stage I and no files left behind in saved/
         overrides.update(unicode_dir=f"{tmp.name}/unicode", checkpoint_dir=f"{tmp.name}/saved",
                          semantic_cache_dir=f"{tmp.name}/semantic_cache")
-    for item in args.set:
+    overrides.update(parse_settings(args.set, parser, "--set"))
+    return overrides, tmp
+
+
+def parse_settings(items: Sequence[str], parser: argparse.ArgumentParser, flag: str) -> dict[str, Any]:
+    """``KEY=VALUE`` strings of ``flag`` as config overrides, each value parsed as YAML would."""
+    settings = {}
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            parser.error(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key] = parse_value(value)
-    return overrides, tmp
+            parser.error(f"{flag} expects KEY=VALUE, got {item!r}")
+        settings[key] = parse_value(value)
+    return settings

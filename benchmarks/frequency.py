@@ -11,10 +11,15 @@ That separates items the model cannot rank (rare ones) from clusters it cannot f
 runs or more, every later run is set against the first on the same users: Recall and NDCG at
 10 and 20, their difference, its 95 % interval and p-value (paired t-test), so that a row's
 lead or lag can be told from the noise of one split. ``valid`` is the default; ``--split test``
-reads the test split, for explaining a reported row only.
+reads the test split, for explaining a reported row only. ``--rerank KEY=VALUE`` ranks the first
+checkpoint once more with a ranking setting changed (``item_id_shrinkage``, ``item_temperature``,
+``beam_size``) and sets that ranking against the first: what a ranking-only change does to one
+trained model, user by user.
 
     python benchmarks/frequency.py --dataset Amazon_Beauty --run PRORec=saved/PRORec-X.pth \\
         --run SASRec-CE=saved/SASRec-Y.pth --split valid --out docs/frequency_Amazon_Beauty.md
+    python benchmarks/frequency.py --dataset Amazon_Beauty --run PRORec=saved/PRORec-X.pth \\
+        --set item_id_shrinkage=0 --rerank item_id_shrinkage=3
     python benchmarks/frequency.py --quick
 """
 from __future__ import annotations
@@ -27,7 +32,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Report, add_run_arguments, base_parser, markdown_table, run_overrides, setup  # noqa: E402
+from common import (Report, add_run_arguments, base_parser, markdown_table, parse_settings,  # noqa: E402
+                    run_overrides, setup)
 
 BUCKETS = (0, 5, 10, 20, 50)  # lower edges of the target-frequency groups
 TOP = 20
@@ -144,6 +150,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--run", action="append", default=[], metavar="LABEL=CHECKPOINT",
                         help="a model or variant and its checkpoint (repeatable); quick mode trains its own")
     parser.add_argument("--split", choices=["valid", "test"], default="valid")
+    parser.add_argument("--rerank", action="append", default=[], metavar="KEY=VALUE",
+                        help="rank the first run's checkpoint again with this setting (repeatable; ranking keys "
+                             "such as item_id_shrinkage or item_temperature), set against it user by user")
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     device = setup(args)
@@ -157,9 +166,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
                  for label in ("PRORec", "SASRec-CE")]
     if not pairs or any(not label or not path for label, path in pairs):
         parser.error("give at least one --run LABEL=CHECKPOINT")
+    names = run_names(pairs)
+    runs = [(name, label, path, overrides) for name, (label, path) in zip(names, pairs)]
+    if args.rerank:  # the first checkpoint once more, ranked with the settings changed
+        rerank = {**overrides, **parse_settings(args.rerank, parser, "--rerank")}
+        runs.append((f"{names[0]} with {', '.join(args.rerank)}", *pairs[0], rerank))
+        pairs.append(pairs[0])
     try:
-        results = {name: evaluate_run(label, path, args.dataset, files, overrides, args.split, device)
-                   for name, (label, path) in zip(run_names(pairs), pairs)}
+        results = {name: evaluate_run(label, path, args.dataset, files, settings, args.split, device)
+                   for name, label, path, settings in runs}
     finally:
         if tmp:
             tmp.cleanup()

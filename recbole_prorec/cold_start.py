@@ -16,7 +16,10 @@ Given rows of an atomic ``.item`` file for items without interactions, ``add_ite
    grown by the new items. With ``last_code_token: item`` an item has parameters of its own (its
    free token embedding and score bias); a new item's are predicted from its integrated embedding by
    a second ridge regression fitted on the warm items' trained values (with integrated item tokens
-   the learned projection of the integrated embedding is added to them, as for any item).
+   the learned projection of the integrated embedding is added to them, as for any item). Ranking
+   weighs a free embedding by its item's count as a training target (``item_id_shrinkage``), which
+   is 0 for a new item: the predicted free embedding counts only with ``item_id_shrinkage: 0``, the
+   predicted score bias always.
 
 The result is an ordinary checkpoint: ``recommend`` and ``load_data_and_model`` take it as they
 take the trained one. Limits: a new item is placed once, by its text; it cannot move when its

@@ -6,7 +6,8 @@ L_IKD (eq. 7) contrasts the decoder's final state at a learnable [IKD] token app
 code tokens with the target's Stage-I integrated embedding (positive) and ``ikd_negatives`` other
 items' embeddings (negatives).
 Inference is a beam search constrained to real codes, ranking by the code log-likelihood with the
-item level's logits softened by ``item_temperature``; ``full_sort_predict`` returns the beam scores
+item level's logits softened by ``item_temperature`` and each item's free embedding weighted by how
+often training saw the item (``item_id_shrinkage``); ``full_sort_predict`` returns the beam scores
 of the decoded items and -inf elsewhere, so RecBole's own metrics apply unchanged.
 
 ``last_code_token`` chooses what the last code position of an item is. ``shared``: a level token
@@ -280,6 +281,8 @@ class PRORec(SequentialRecommender):
         self.id_dropout_schedule = (config["item_id_dropout"], config["item_id_dropout_start"],
                                     config["item_id_dropout_ramp"])
         self.item_id_dropout = id_dropout_share(0, *self.id_dropout_schedule)
+        self.register_buffer("free_trust", self._free_trust(dataset, config["item_id_shrinkage"])
+                             if self.integrated_item_tokens else None, persistent=False)
         self.item_position = nn.Embedding(self.max_seq_length, self.hidden)
         self.decoder_position = nn.Embedding(self.code_len + 2, self.hidden)
         sizes = (self.hidden, config["n_heads"], config["inner_size"], config["dropout_prob"], config["attn_dropout_prob"])
@@ -319,10 +322,25 @@ class PRORec(SequentialRecommender):
                     and 0 <= ramp[0] <= ramp[1]):
                 raise ValueError("item_id_dropout_ramp must be two epochs [first, last] with 0 <= first <= last "
                                  f"when item_id_dropout_start is set, got {ramp!r}")
+        if not config["item_id_shrinkage"] >= 0:
+            raise ValueError(f"item_id_shrinkage must be >= 0, got {config['item_id_shrinkage']}")
         if not config["item_temperature"] > 0:
             raise ValueError(f"item_temperature must be > 0, got {config['item_temperature']}")
         if config["ikd_weight"] and (config["ikd_tau"] <= 0 or config["ikd_negatives"] < 1):
             raise ValueError("ikd_tau must be > 0 and ikd_negatives >= 1 when ikd_weight > 0")
+
+    def _free_trust(self, dataset, shrinkage: float) -> torch.Tensor | None:
+        """[n_items, 1] factors n / (n + ``shrinkage``) on the free item embeddings when ranking, n an
+        item's count as a training target in ``dataset`` (RecBole's training split, one row per target);
+        None when off. A free embedding is an offset from the item's Stage-I token fitted on n examples;
+        as a prior would, ranking shrinks it towards that token the more, the fewer they were. Rare
+        items (the test split holds more of them than validation) then rank mostly by what Stage I
+        knows of them, as ID dropout trained the model to, and an item never a training target by that
+        alone."""
+        if not shrinkage:
+            return None
+        counts = torch.bincount(dataset.inter_feat[self.ITEM_ID], minlength=self.n_items).float()
+        return (counts / (counts + shrinkage))[:, None]
 
     def set_epoch(self, epoch: int) -> None:
         """Called by the trainer before each training epoch (``epoch`` from 0, resumed runs
@@ -341,7 +359,8 @@ class PRORec(SequentialRecommender):
         With ``integrated_item_tokens`` an item's own token is its free embedding plus a learned
         projection of its Stage-I integrated embedding: items seldom seen in training (the many rare
         test targets) still get a token informed by their text and collaborative neighbours instead
-        of one that was only ever pushed down."""
+        of one that was only ever pushed down. Training may drop the free part (ID dropout); ranking
+        weights it by ``free_trust``."""
         if self._table is not None:
             return self._table
         table = self.token_embedding.weight
@@ -352,6 +371,8 @@ class PRORec(SequentialRecommender):
             # ID dropout: for a share of the items, this pass sees only what Stage I knows of them,
             # as it effectively does for items seldom trained on
             free = free * (torch.rand(len(free), 1, device=free.device) >= self.item_id_dropout)
+        elif not self.training and self.free_trust is not None:
+            free = free * self.free_trust  # ranking: each item's own embedding as far as training saw it
         return torch.cat([table[: self.item_offset], free + self.integrated_proj(self.integrated)])
 
     @contextmanager

@@ -96,6 +96,7 @@ def test_bad_data_ends_with_a_message_and_changes_nothing(case, tmp_path, capsys
     ({"n_heads": 3}, r"hidden_size 32 is not divisible by n_heads 3"),
     ({"codebook_size": 1}, r"codebook_size \(K\) must be >= 2, got 1"),
     ({"item_temperature": 0.0}, r"item_temperature must be > 0, got 0.0"),
+    ({"item_id_shrinkage": -1}, r"item_id_shrinkage must be >= 0, got -1"),
     ({"semantic_encoder": "/no/such/encoder", "semantic_cache_dir": "elsewhere"},
      r"semantic_encoder='/no/such/encoder': local path does not exist"),
     ({"epochs": "three"}, r"config key 'epochs' from .*tiny.yaml must be int \(default 300\), got str 'three'"),

@@ -217,6 +217,30 @@ def test_paired_rows_test_the_difference_user_by_user():
         frequency.paired_rows({"A": (targets, rank_a, None, None), "C": (targets[::-1], rank_a, None, None)})
 
 
+def test_frequency_rerank_ranks_the_first_checkpoint_again_with_the_settings_changed(monkeypatch, tmp_path, capsys):
+    frequency = load("frequency")
+    calls, targets = [], np.arange(200)
+    ranks = {None: np.tile([0, 15], 100), 0.0: np.tile([0, 5], 100)}  # the rerank lifts half the users to the top 10
+
+    def fake_run(label, path, dataset, files, overrides, split, device):
+        calls.append((label, path, overrides.get("item_id_shrinkage"), overrides["show_progress"], split))
+        return targets, ranks[overrides.get("item_id_shrinkage")], None, np.ones(200, dtype=int)
+
+    monkeypatch.setattr(frequency, "evaluate_run", fake_run)
+    summary = frequency.main(["--run", "PRORec=saved/PRORec-a.pth", "--rerank", "item_id_shrinkage=0",
+                              "--split", "test", "--out", str(tmp_path / "f.md")])
+    assert calls == [("PRORec", "saved/PRORec-a.pth", None, False, "test"),
+                     ("PRORec", "saved/PRORec-a.pth", 0.0, False, "test")]
+    assert list(summary) == ["PRORec", "PRORec with item_id_shrinkage=0"]
+    header, rows = table_with(capsys.readouterr().out, "95 % interval")
+    recall10 = next(r for r in rows if r[1] == "Recall@10")
+    assert recall10[0] == "PRORec with item_id_shrinkage=0 - PRORec"
+    assert recall10[2:5] == ["0.5000", "1.0000", "+0.5000"]
+    with pytest.raises(SystemExit):
+        frequency.main(["--run", "PRORec=saved/PRORec-a.pth", "--rerank", "item_id_shrinkage"])
+    assert "--rerank expects KEY=VALUE, got 'item_id_shrinkage'" in capsys.readouterr().err
+
+
 def test_two_checkpoints_of_one_model_keep_apart_in_the_tables():
     names = load("frequency").run_names([("PRORec", "saved/PRORec-a.pth"), ("SASRec-CE", "saved/SASRec-b.pth"),
                                          ("PRORec", "saved/PRORec-c.pth")])

@@ -93,7 +93,7 @@ def test_item_history_tokens_are_the_sums_of_each_items_code_embeddings(stage2, 
 FORMS = {"item": {"integrated_item_tokens": False}, "shared": {"last_code_token": "shared"}, "integrated": {},
          "item history": {"history_tokens": "item"}, "plain likelihood": {"item_temperature": 1.0},
          "shared, temperature 0.5": {"last_code_token": "shared", "item_temperature": 0.5},
-         "integrated, no ID dropout": {"item_id_dropout": 0.0}}
+         "integrated, no ID dropout": {"item_id_dropout": 0.0, "item_id_dropout_start": None}}
 
 
 @pytest.mark.parametrize("seed,form", [(0, "item"), (1, "item"), (0, "shared"), (1, "shared"), (0, "integrated"),
@@ -419,9 +419,10 @@ def test_item_mode_gives_each_item_its_own_token_tied_to_its_output_score(stage2
 
 def test_integrated_item_tokens_add_the_projected_stage1_embedding(stage2):
     """An item's own token = its free embedding + W e_item (Stage I's integrated embedding), used
-    alike as encoder input, decoder input and output score; level tokens are untouched."""
+    alike as encoder input, decoder input and output score; level tokens are untouched (ranking's
+    shrinkage of the free part off: its own test below)."""
     _, _, (_, _, test) = stage2
-    model = randomise(make_prorec(stage2, integrated_item_tokens=True), 5).eval()
+    model = randomise(make_prorec(stage2, integrated_item_tokens=True, item_id_shrinkage=0), 5).eval()
     plain = make_prorec(stage2, integrated_item_tokens=False)
     assert set(dict(model.named_parameters())) - set(dict(plain.named_parameters())) == {"integrated_proj.weight"}
     table = model.token_table()
@@ -446,14 +447,13 @@ def test_integrated_item_tokens_add_the_projected_stage1_embedding(stage2):
 def dropped_items(model: PRORec, seed: int) -> torch.Tensor:
     """Which item tokens a training pass drawn with ``seed`` leaves without their free embedding;
     asserts that every other item token is whole and the level tokens untouched."""
-    full = model.eval().token_table().detach()
-    projected = full - model.token_embedding.weight.detach()
+    weight, offset = model.token_embedding.weight.detach(), model.item_offset
+    projected = model.integrated_proj(model.integrated).detach()
     torch.manual_seed(seed)
     table = model.train().token_table().detach()
-    torch.testing.assert_close(table[: model.item_offset], full[: model.item_offset])  # level tokens untouched
-    items = torch.arange(model.item_offset, len(full))
-    kept = (table[items] - full[items]).abs().amax(1) < 1e-6
-    dropped = (table[items] - projected[items]).abs().amax(1) < 1e-6
+    torch.testing.assert_close(table[:offset], weight[:offset])  # level tokens untouched
+    kept = (table[offset:] - weight[offset:] - projected).abs().amax(1) < 1e-6
+    dropped = (table[offset:] - projected).abs().amax(1) < 1e-6
     assert bool((kept ^ dropped).all())  # each row one or the other, never a mix
     return dropped
 
@@ -461,7 +461,7 @@ def dropped_items(model: PRORec, seed: int) -> torch.Tensor:
 def test_item_id_dropout_leaves_the_free_part_out_of_a_share_of_item_tokens_in_training_only(stage2):
     """Training: each item token is either its free embedding + W e_item or W e_item alone, one draw
     per item and pass (encoder, decoder and scores share it); evaluation: always the full token."""
-    model = randomise(make_prorec(stage2, item_id_dropout=0.5), 3)
+    model = randomise(make_prorec(stage2, item_id_dropout=0.5, item_id_shrinkage=0), 3)
     full = model.eval().token_table().detach()
     assert 0.2 < dropped_items(model, 0).float().mean() < 0.8  # about half of the 47 items
     torch.testing.assert_close(model.eval().token_table(), full)
@@ -497,6 +497,29 @@ def test_id_dropout_share_moves_from_its_start_to_item_id_dropout_over_the_ramp(
                          (dict(item_id_dropout_start=0.1, item_id_dropout_ramp=[3, 1]), r"got \[3, 1\]")):
         with pytest.raises(ValueError, match=message):
             make_prorec(stage2, **bad)
+
+
+def test_item_id_shrinkage_ranks_with_each_free_embedding_as_far_as_training_saw_its_item(stage2):
+    """Ranking: item i's token is n_i / (n_i + c) times its free embedding plus the projection of its
+    Stage-I embedding, n_i its count as a training target; training and the level tokens are untouched."""
+    _, _, (train, _, _) = stage2
+    model = randomise(make_prorec(stage2, item_id_shrinkage=2.0, item_id_dropout=0.0, item_id_dropout_start=None), 3)
+    weight, offset = model.token_embedding.weight.detach(), model.item_offset
+    projected = model.integrated_proj(model.integrated).detach()
+    counts = torch.bincount(train.dataset.inter_feat[model.ITEM_ID], minlength=model.n_items).float()
+    assert counts[0] == 0 and 1 < counts.max() and counts.sum() == len(train.dataset)  # padding never a target
+    ranking = model.eval().token_table().detach()
+    torch.testing.assert_close(ranking[:offset], weight[:offset])
+    torch.testing.assert_close(ranking[offset:], weight[offset:] * (counts / (counts + 2.0))[:, None] + projected)
+    training = model.train().token_table().detach()
+    torch.testing.assert_close(training, torch.cat([weight[:offset], weight[offset:] + projected]))
+    off = randomise(make_prorec(stage2, item_id_shrinkage=0, item_id_dropout=0.0, item_id_dropout_start=None), 3).eval()
+    assert off.free_trust is None
+    torch.testing.assert_close(off.token_table().detach()[offset:], weight[offset:] + projected)
+    # free item tokens alone have no Stage-I token to shrink towards
+    assert make_prorec(stage2, integrated_item_tokens=False).free_trust is None
+    with pytest.raises(ValueError, match=r"item_id_shrinkage must be >= 0, got -1"):
+        make_prorec(stage2, item_id_shrinkage=-1)
 
 
 @pytest.mark.parametrize("form", ["item", "integrated"])
