@@ -17,7 +17,8 @@ from typing import Mapping, Sequence
 from recbole_prorec import PROJECT_ROOT
 from recbole_prorec import distributed as ddp
 from recbole_prorec.registry import resolve_model
-from recbole_prorec.runner import LATEST, RunResult, results_table, run, run_distributed, stage1_folder
+from recbole_prorec.runner import (LATEST, RunResult, curve_table, results_table, run, run_distributed,
+                                   stage1_folder)
 from recbole_prorec.trainer import RunInterrupted
 
 # what our checks raise on bad files and settings, and a diverged loss: a message, not a traceback
@@ -167,6 +168,9 @@ def _main(argv: Sequence[str] | None) -> list[RunResult]:
         command = " ".join(["python run_recbole_prorec.py", *(argv if argv is not None else sys.argv[1:])])
         with open(out, "a", encoding="utf-8") as f:  # append: earlier results are never lost
             f.write(f"\n## {args.dataset}, {datetime.now():%Y-%m-%d %H:%M}\n\n`{command}`\n\n{table}\n")
+            for r in results:
+                if r.curve:
+                    f.write(f"\n{r.label}, every epoch:\n\n{curve_table(r)}\n")
         print(table)
         print(f"results written to {out}")
         for r in results:

@@ -56,6 +56,23 @@ def results_table(results: Sequence[RunResult]) -> str:
     return "\n".join(lines + [r.row() for r in results])
 
 
+def curve_table(result: RunResult) -> str:
+    """One row per validated epoch of ``result``: seconds (cumulative training, and all of fit), the
+    training losses per batch, the evaluation's diagnostics and the validation metrics, each under
+    its name in the curve, so a results file holds the whole run and not only its test row."""
+    keys = list(dict.fromkeys(k for entry in result.curve for k in entry))  # epoch first, as recorded
+
+    def cell(key: str, value: float | None) -> str:
+        if value is None:
+            return ""
+        return str(value) if key == "epoch" else f"{value:.{1 if key.endswith('_s') else 4}f}"
+
+    names = {"train_s": "train s (cumulative)", "elapsed_s": "fit s (cumulative)"}
+    lines = ["| " + " | ".join(names.get(k, k) for k in keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(k, entry.get(k)) for k in keys) + " |" for entry in result.curve]
+    return "\n".join(lines)
+
+
 def stage1_folder(spec: ModelSpec, dataset: str, config_files: Sequence[str], overrides: Mapping) -> Path | None:
     """The data folder of the model's Stage-I artifact (Stage I runs if it is not there yet), or
     None for a model that reads the dataset as it is."""
