@@ -3,7 +3,7 @@
 Every model trains for exactly ``--epochs`` epochs (no early stop), validated after each one with
 the full-ranking protocol of ``properties/overall.yaml``; the test split is never read, so these
 curves are what defaults are tuned on. Writes ``--out`` (Markdown: per model and seed, each epoch's
-training losses per part, validation Recall/NDCG@10, PRORec's beam diagnostics and seconds), the
+training losses per part, validation Recall/NDCG@10 and @20, PRORec's beam diagnostics and seconds), the
 same name with ``.png`` (validation NDCG@10 against epoch and against seconds) and ``.json`` (the
 records). ``--append`` adds to the records of an earlier ``.json``, so the "before" and "after"
 curves of separate invocations share one table and one plot; ``--tag`` names a configuration.
@@ -33,12 +33,10 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Report, add_run_arguments, base_parser, markdown_table, run_overrides, setup  # noqa: E402
 from recbole_prorec.files import atomic_file  # noqa: E402
+from recbole_prorec.runner import CURVE_METRICS, curve_table  # noqa: E402
 
 METRICS = ("recall@10", "ndcg@10")
-TEST_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")  # pseudo-test columns
 RULES = ("ndcg@10", "recall@10", "recall@20")  # validation metrics an epoch can be selected by
-DIAGNOSTICS = ("first_code_in_beam", "item_in_beam")
-SKIP = {"epoch", "train_s", "elapsed_s", "label", "seed", "command", *DIAGNOSTICS}
 
 
 def train_curves(labels: Sequence[str], seeds: Sequence[int], dataset: str, files: Sequence[str],
@@ -64,21 +62,6 @@ def train_curves(labels: Sequence[str], seeds: Sequence[int], dataset: str, file
     return records
 
 
-def curve_table(records: Sequence[dict]) -> str:
-    """Every record as a row; loss parts are the union over models (blank where a model has none)."""
-    losses = list(dict.fromkeys(k for r in records for k in r if k not in SKIP and "@" not in k))
-    tests = [m for m in TEST_METRICS if any(f"test_{m}" in r for r in records)]
-    header = ["model", "seed", "epoch", "train s", "elapsed s", *[f"valid {m}" for m in METRICS],
-              *[f"pseudo-test {m}" for m in tests], *losses, *DIAGNOSTICS]
-    rows = []
-    for r in records:
-        cell = lambda key, digits=4: f"{r[key]:.{digits}f}" if key in r else ""  # noqa: E731
-        rows.append([r["label"], r["seed"], r["epoch"], cell("train_s", 1), cell("elapsed_s", 1),
-                     *[cell(m) for m in METRICS], *[cell(f"test_{m}") for m in tests], *[cell(k) for k in losses],
-                     *[cell(k, 3) for k in DIAGNOSTICS]])
-    return markdown_table(header, rows)
-
-
 def selection_table(records: Sequence[dict]) -> str:
     """Per model and seed, the epoch each rule selects and the pseudo-test metrics there: the best
     validation score by each metric of ``RULES`` (ties: the earlier epoch, as RecBole keeps the
@@ -90,9 +73,9 @@ def selection_table(records: Sequence[dict]) -> str:
         picks += [(f"ceiling: best pseudo-test {m}", max(run, key=lambda r, m=m: r[f"test_{m}"]))
                   for m in ("ndcg@10", "recall@10")]
         rows += [[label, seed, rule, r["epoch"], f"{r['elapsed_s']:.0f}", *[f"{r[m]:.4f}" for m in METRICS],
-                  *[f"{r[f'test_{m}']:.4f}" for m in TEST_METRICS]] for rule, r in picks]
+                  *[f"{r[f'test_{m}']:.4f}" for m in CURVE_METRICS]] for rule, r in picks]
     header = ["model", "seed", "selected by", "epoch", "elapsed s", *[f"valid {m}" for m in METRICS],
-              *[f"pseudo-test {m}" for m in TEST_METRICS]]
+              *[f"pseudo-test {m}" for m in CURVE_METRICS]]
     return markdown_table(header, rows) if rows else ""
 
 

@@ -171,7 +171,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.rerank:  # the first checkpoint once more, ranked with the settings changed
         rerank = {**overrides, **parse_settings(args.rerank, parser, "--rerank")}
         runs.append((f"{names[0]} with {', '.join(args.rerank)}", *pairs[0], rerank))
-        pairs.append(pairs[0])
     try:
         results = {name: evaluate_run(label, path, args.dataset, files, settings, args.split, device)
                    for name, label, path, settings in runs}
@@ -183,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     header = ["times the target is a training target", "users"]
     for name in results:
         header += [f"{name} Recall@{TOP}", f"{name} first code in top {TOP}"]
-    checkpoints = ", ".join(f"{name} = `{path}`" for name, (_, path) in zip(results, pairs))
+    checkpoints = ", ".join(f"{name} = `{path}`" for name, _, path, _ in runs)
     report.add(f"Checkpoints: {checkpoints}. First code: the share of users whose target's first code is among "
                f"the top {TOP} items' (models of codes only).\n\n"
                + markdown_table(header, bucket_rows(results)))

@@ -56,21 +56,30 @@ def results_table(results: Sequence[RunResult]) -> str:
     return "\n".join(lines + [r.row() for r in results])
 
 
-def curve_table(result: RunResult) -> str:
-    """One row per validated epoch of ``result``: seconds (cumulative training, and all of fit), the
-    training losses per batch, the evaluation's diagnostics and the validation metrics, each under
-    its name in the curve, so a results file holds the whole run and not only its test row."""
-    keys = list(dict.fromkeys(k for entry in result.curve for k in entry))  # epoch first, as recorded
+CURVE_METRICS = ("recall@10", "recall@20", "ndcg@10", "ndcg@20")  # validation (and pseudo-test) columns
+DIAGNOSTICS = ("first_code_in_beam", "item_in_beam")  # PRORec's beam statistics of each validation
 
-    def cell(key: str, value: float | None) -> str:
-        if value is None:
-            return ""
-        return str(value) if key == "epoch" else f"{value:.{1 if key.endswith('_s') else 4}f}"
 
-    names = {"train_s": "train s (cumulative)", "elapsed_s": "fit s (cumulative)"}
-    lines = ["| " + " | ".join(names.get(k, k) for k in keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(cell(k, entry.get(k)) for k in keys) + " |" for entry in result.curve]
-    return "\n".join(lines)
+def curve_table(records: Sequence[Mapping[str, Any]]) -> str:
+    """One row per validated epoch: each record is an entry of a run's ``curve`` with the run's
+    ``label`` and ``seed``. Cumulative seconds (training, all of fit), validation metrics, pseudo-test
+    metrics where a run evaluated them, training losses per batch (the union over models, blank where
+    a model has none) and beam diagnostics; the runner's results file and ``benchmarks/curves.py``
+    both write it, so a run's whole curve is kept beside its test row."""
+    skip = {"epoch", "train_s", "elapsed_s", "label", "seed", "command", *DIAGNOSTICS}
+    losses = list(dict.fromkeys(k for r in records for k in r if k not in skip and "@" not in k))
+    tests = [m for m in CURVE_METRICS if any(f"test_{m}" in r for r in records)]
+    header = ["model", "seed", "epoch", "train s", "elapsed s", *[f"valid {m}" for m in CURVE_METRICS],
+              *[f"pseudo-test {m}" for m in tests], *losses, *DIAGNOSTICS]
+
+    def cell(record: Mapping[str, Any], key: str, digits: int = 4) -> str:
+        return f"{record[key]:.{digits}f}" if key in record else ""
+
+    rows = [[r["label"], r["seed"], r["epoch"], cell(r, "train_s", 1), cell(r, "elapsed_s", 1),
+             *[cell(r, m) for m in CURVE_METRICS], *[cell(r, f"test_{m}") for m in tests],
+             *[cell(r, k) for k in losses], *[cell(r, k, 3) for k in DIAGNOSTICS]] for r in records]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
 
 def stage1_folder(spec: ModelSpec, dataset: str, config_files: Sequence[str], overrides: Mapping) -> Path | None:
