@@ -168,9 +168,9 @@ def _main(argv: Sequence[str] | None) -> list[RunResult]:
         command = " ".join(["python run_recbole_prorec.py", *(argv if argv is not None else sys.argv[1:])])
         with open(out, "a", encoding="utf-8") as f:  # append: earlier results are never lost
             f.write(f"\n## {args.dataset}, {datetime.now():%Y-%m-%d %H:%M}\n\n`{command}`\n\n{table}\n")
-            records = [{"label": r.label, "seed": r.seed, **entry} for r in results for entry in r.curve]
-            if records:
-                f.write(f"\nEvery validated epoch:\n\n{curve_table(records)}\n")
+            for r in results:
+                if r.curve:
+                    f.write(f"\n{r.label}, every validated epoch (seed {r.seed}):\n\n{curve_table(r.curve)}\n")
         print(table)
         print(f"results written to {out}")
         for r in results:

@@ -61,21 +61,23 @@ DIAGNOSTICS = ("first_code_in_beam", "item_in_beam")  # PRORec's beam statistics
 
 
 def curve_table(records: Sequence[Mapping[str, Any]]) -> str:
-    """One row per validated epoch: each record is an entry of a run's ``curve`` with the run's
-    ``label`` and ``seed``. Cumulative seconds (training, all of fit), validation metrics, pseudo-test
+    """One row per validated epoch: each record is an entry of a run's ``curve``, with the run's
+    ``label`` and ``seed`` where records of several runs share the table. Cumulative seconds (training, all of fit), validation metrics, pseudo-test
     metrics where a run evaluated them, training losses per batch (the union over models, blank where
     a model has none) and beam diagnostics; the runner's results file and ``benchmarks/curves.py``
     both write it, so a run's whole curve is kept beside its test row."""
     skip = {"epoch", "train_s", "elapsed_s", "label", "seed", "command", *DIAGNOSTICS}
     losses = list(dict.fromkeys(k for r in records for k in r if k not in skip and "@" not in k))
     tests = [m for m in CURVE_METRICS if any(f"test_{m}" in r for r in records)]
-    header = ["model", "seed", "epoch", "train s", "elapsed s", *[f"valid {m}" for m in CURVE_METRICS],
+    runs = [k for k in ("label", "seed") if any(k in r for r in records)]
+    header = [*[{"label": "model"}.get(k, k) for k in runs], "epoch", "train s", "elapsed s",
+              *[f"valid {m}" for m in CURVE_METRICS],
               *[f"pseudo-test {m}" for m in tests], *losses, *DIAGNOSTICS]
 
     def cell(record: Mapping[str, Any], key: str, digits: int = 4) -> str:
         return f"{record[key]:.{digits}f}" if key in record else ""
 
-    rows = [[r["label"], r["seed"], r["epoch"], cell(r, "train_s", 1), cell(r, "elapsed_s", 1),
+    rows = [[*[r.get(k, "") for k in runs], r["epoch"], cell(r, "train_s", 1), cell(r, "elapsed_s", 1),
              *[cell(r, m) for m in CURVE_METRICS], *[cell(r, f"test_{m}") for m in tests],
              *[cell(r, k) for k in losses], *[cell(r, k, 3) for k in DIAGNOSTICS]] for r in records]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
