@@ -119,13 +119,13 @@ def run(
     overrides = dict(overrides or {})
     spec = resolve_model(label)
     # checks before a Stage I of minutes, not after it, on a config that joins no process group
-    if test_every_epoch or hasattr(spec.model_class, "check_config"):
-        early = ProjectConfig(spec, dataset, config_files, {k: v for k, v in overrides.items() if k not in ddp.DDP_KEYS})
-        if test_every_epoch and not early["drop_last_interactions"]:
-            raise ValueError("test_every_epoch reads the test split after every epoch: only with drop_last_interactions "
-                             ">= 1 (a nested split, whose test targets are validation items), never on the real test split")
-        if hasattr(spec.model_class, "check_config"):
-            spec.model_class.check_config(early)
+    early = ProjectConfig(spec, dataset, config_files, {k: v for k, v in overrides.items() if k not in ddp.DDP_KEYS})
+    if test_every_epoch and not early["drop_last_interactions"]:
+        raise ValueError("test_every_epoch reads the test split after every epoch: only with drop_last_interactions "
+                         ">= 1 (a nested split, whose test targets are validation items), never on the real test split")
+    SafeTrainer.check_config(early)
+    if hasattr(spec.model_class, "check_config"):
+        spec.model_class.check_config(early)
     folder = stage1_folder(spec, dataset, config_files, overrides)
     config = ProjectConfig(spec, dataset, config_files, overrides, data_folder=folder)
     config.check_output_folders(["checkpoint_dir"])

@@ -42,7 +42,7 @@ IGNORED_KEYS = {
 }
 # Keys added after artifacts were cached, hashed only when set away from their default, so adding
 # an option does not retrain every existing Stage I.
-HASHED_WHEN_SET = {"hkmeans_balanced": False, "drop_last_interactions": 0}
+HASHED_WHEN_SET = {"hkmeans_balanced": False, "drop_last_interactions": 0, "ema_decay": None}
 
 
 def stage1_config(dataset: str, config_files: Sequence[str], overrides: Mapping[str, Any]) -> ProjectConfig:
@@ -53,6 +53,10 @@ def stage1_config(dataset: str, config_files: Sequence[str], overrides: Mapping[
     return ProjectConfig(ModelSpec("PRORecDIN", PRORecDIN), dataset, config_files, overrides, apply_block="stage1")
 
 
+def _left_at_default(key: str, value: Any) -> bool:
+    return key in HASHED_WHEN_SET and value == HASHED_WHEN_SET[key]
+
+
 def stage1_key(config: ProjectConfig) -> str:
     """Hash of what Stage I's output depends on: its configuration and the bytes of its input files.
 
@@ -61,7 +65,8 @@ def stage1_key(config: ProjectConfig) -> str:
     fresh checkout) reuses the same Stage I output, an edited file does not."""
     known = config.known_keys | {"dataset"}
     relevant = {k: v for k, v in plain_config(config).items() if k in known and k not in IGNORED_KEYS
-                and not (k in HASHED_WHEN_SET and v == HASHED_WHEN_SET[k])}
+                and not _left_at_default(k, v)}
+    relevant["stage1"] = {k: v for k, v in (relevant.get("stage1") or {}).items() if not _left_at_default(k, v)}
     folder = Path(config["data_path"])
     inputs = {suffix: folder / f"{config['dataset']}.{suffix}" for suffix in ("inter", "item")}
     if config["semantic_embedding_file"]:

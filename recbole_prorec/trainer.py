@@ -10,6 +10,8 @@ A run keeps two files in ``checkpoint_dir``: ``<model>-<time>.pth``, the best ep
 completed epoch (weights, optimizer, schedule, early-stopping state, curve, time spent, RNG
 states). The second is rewritten before every epoch and removed when training ends normally;
 SIGINT or SIGTERM stop training at the next batch boundary and leave it for ``--resume``.
+With ``ema_decay`` the trainer validates and saves an exponential moving average of the weights
+(``ParameterAverage``); the resume state keeps the raw weights and the average both.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import math
 import random
 import signal
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from time import monotonic
 from typing import Any, Iterator, Mapping
@@ -86,6 +88,65 @@ def _libc() -> ctypes.CDLL | None:
     except OSError:
         return None
     return libc if hasattr(libc, "malloc_trim") else None
+
+
+class ParameterAverage:
+    """An exponential moving average of a model's parameters, updated after every optimizer step.
+
+    Why: late in training each step still moves the weights by the learning rate's noise; the
+    average over the last ~1 / (1 - decay) steps sits nearer the middle of that walk, which is
+    what a checkpoint should be judged and kept by. The decay starts low, (1 + t) / (10 + t) at
+    step t, as TensorFlow's ``ExponentialMovingAverage`` does, so the first epochs are not pinned
+    to the initial weights. Buffers are not averaged.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float, steps: int = 0):
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]
+        self.average = [p.detach().clone() for p in self.params]
+        self.decay, self.steps = decay, steps
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        weight = 1 - min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for average, param in zip(self.average, self.params):
+            average.lerp_(param, weight)
+
+    def load(self, average: Mapping[str, torch.Tensor], steps: int) -> None:
+        """Go on with a resumed run's average (``tensors()`` of it) after ``steps`` updates."""
+        if set(average) != set(self.names):
+            raise ValueError(f"the saved weight average has parameters {sorted(set(average) ^ set(self.names))} "
+                             "that this model lacks or the other way round")
+        for name, mine in zip(self.names, self.average):
+            mine.copy_(average[name])
+        self.steps = steps
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The averaged parameters by name."""
+        return dict(zip(self.names, self.average))
+
+    def state_dict(self, model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``model_state`` with the averaged parameters in place of the raw ones."""
+        return {**model_state, **{name: average.clone() for name, average in self.tensors().items()}}
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """The model holds the averaged parameters inside the block and its own ones again after."""
+        raw = [p.detach().clone() for p in self.params]
+        self.copy_to_model()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, value in zip(self.params, raw):
+                    param.copy_(value)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for param, average in zip(self.params, self.average):
+            param.copy_(average)
 
 
 class _BudgetExhausted(Exception):
@@ -201,8 +262,7 @@ class SafeTrainer(Trainer):
             # only rank 0 writes checkpoints; every rank must read that file
             self.saved_model_file = ddp.from_main(self.saved_model_file, config)
         self.time_budget = config["train_time_budget"]
-        if config["lr_scheduler"] not in SCHEDULES:
-            raise ValueError(f"lr_scheduler must be one of {SCHEDULES}, got {config['lr_scheduler']!r}")
+        self.check_config(config)
         self.best_epoch = -1
         self.train_time = 0.0
         self.epochs_run = 0
@@ -214,12 +274,22 @@ class SafeTrainer(Trainer):
         self._last_eval_stats: dict[str, float] = {}
         self._scheduled = False
         self.lr_step = 0  # optimizer steps taken, saved in checkpoints so a resumed schedule goes on
+        self.average: ParameterAverage | None = None  # with ema_decay: the weights validated and saved
         self.stop_signal: str | None = None  # set by SIGINT/SIGTERM during fit
         self.batch = -1  # the training batch in progress (from 0)
         self.resume_file: str | None = None  # this run's resume state, once written
         self._saving = True
         self._resumed: dict | None = None  # RNG states and epoch of a resume state, until applied
         self._elapsed_before = 0.0  # fit seconds of the run this one resumes
+
+    @staticmethod
+    def check_config(config) -> None:
+        """Refuse training settings that cannot run; the runner asks before Stage I, the trainer again."""
+        if config["lr_scheduler"] not in SCHEDULES:
+            raise ValueError(f"lr_scheduler must be one of {SCHEDULES}, got {config['lr_scheduler']!r}")
+        decay = config["ema_decay"]
+        if decay is not None and not (isinstance(decay, (int, float)) and 0 <= decay < 1):
+            raise ValueError(f"ema_decay must lie in [0, 1), or be ~ (off), got {decay!r}")
 
     def _build_optimizer(self, **kwargs) -> torch.optim.Optimizer:
         """RecBole's optimizer; Adam and AdamW in torch's fused form, the same update in one kernel
@@ -248,6 +318,11 @@ class SafeTrainer(Trainer):
             scheduler.step()
 
         self.optimizer.register_step_post_hook(advance)
+        if self.config["ema_decay"] is not None:  # from the weights training starts with (a resumed run's too)
+            self.average = ParameterAverage(self.model, self.config["ema_decay"])
+            if self._resumed is not None and "parameter_average" in self._resumed:
+                self.average.load(self._resumed["parameter_average"], self._resumed["average_steps"])
+            self.optimizer.register_step_post_hook(lambda *_: self.average.update())
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         """RecBole's fit, within the time budget (a resumed run's time counts), stoppable by a signal
@@ -270,6 +345,8 @@ class SafeTrainer(Trainer):
                 stop = RunInterrupted(self.stop_signal, self._epoch + 1, self.resume_file)
                 self.logger.warning(str(stop))
                 raise stop from None
+        if self.average is not None:  # the model leaves fit with the weights it was last validated with
+            self.average.copy_to_model()
         if self.resume_file and ddp.is_main(self.config):
             Path(self.resume_file).unlink(missing_ok=True)
         return result
@@ -345,7 +422,8 @@ class SafeTrainer(Trainer):
             self.tensorboard.add_scalar(f"{tag}/{name}", value, epoch_idx)
 
     def _valid_epoch(self, valid_data, show_progress=False):
-        score, result = super()._valid_epoch(valid_data, show_progress)
+        with self.average.applied() if self.average is not None else nullcontext():
+            score, result = super()._valid_epoch(valid_data, show_progress)
         release_freed_memory()
         stats = {"train_s": self.train_time, "elapsed_s": monotonic() - self._fit_start,
                  **self._mean_losses(self._epoch_losses), **self._last_eval_stats, **dict(result)}
@@ -365,16 +443,20 @@ class SafeTrainer(Trainer):
             + f": {e_time - s_time:.2f}s, mean per batch: {parts}]"
         )
 
-    def _checkpoint_state(self, epoch: int) -> dict[str, Any]:
+    def _checkpoint_state(self, epoch: int, validated: bool = True) -> dict[str, Any]:
         """What every checkpoint holds: plain config, weights, optimizer, schedule and early-stopping
-        counters, as tensors and plain data only (``weights_only`` loads)."""
+        counters, as tensors and plain data only (``weights_only`` loads). The weights are the ones
+        validated (the average, with ``ema_decay``) unless ``validated`` is False: the training ones."""
+        weights = self.model.state_dict()
+        if validated and self.average is not None:
+            weights = self.average.state_dict(weights)
         return {
             "config": plain_config(self.config),
             "epoch": int(epoch),
             "cur_step": int(self.cur_step),
             "best_valid_score": float(self.best_valid_score),
             "lr_step": int(self.lr_step),
-            "state_dict": self.model.state_dict(),
+            "state_dict": weights,
             # FDSA, DIN & co. list whole submodules here; their weights are in state_dict already
             "other_parameter": {
                 k: v for k, v in (self.model.other_parameter() or {}).items() if not isinstance(v, torch.nn.Module)
@@ -399,7 +481,9 @@ class SafeTrainer(Trainer):
         if not ddp.is_main(self.config):
             return
         state = {
-            **self._checkpoint_state(epoch),
+            **self._checkpoint_state(epoch, validated=False),
+            **({"parameter_average": self.average.tensors(), "average_steps": self.average.steps}
+               if self.average is not None else {}),
             "best_checkpoint": self.saved_model_file,
             "best_valid_result": {k: float(v) for k, v in (self.best_valid_result or {}).items()},
             "best_epoch": int(self.best_epoch),

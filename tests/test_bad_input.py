@@ -97,6 +97,8 @@ def test_bad_data_ends_with_a_message_and_changes_nothing(case, tmp_path, capsys
     ({"codebook_size": 1}, r"codebook_size \(K\) must be >= 2, got 1"),
     ({"item_temperature": 0.0}, r"item_temperature must be > 0, got 0.0"),
     ({"item_id_shrinkage": -1}, r"item_id_shrinkage must be >= 0, got -1"),
+    ({"ema_decay": 1.0}, r"ema_decay must lie in \[0, 1\), or be ~ \(off\), got 1.0"),
+    ({"lr_scheduler": "linear"}, r"lr_scheduler must be one of \('constant', 'inverse_sqrt', 'cosine'\), got 'linear'"),
     ({"semantic_encoder": "/no/such/encoder", "semantic_cache_dir": "elsewhere"},
      r"semantic_encoder='/no/such/encoder': local path does not exist"),
     ({"epochs": "three"}, r"config key 'epochs' from .*tiny.yaml must be int \(default 300\), got str 'three'"),

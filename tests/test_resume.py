@@ -27,11 +27,12 @@ def comparable(result) -> tuple:
     return result.valid, result.test, result.best_epoch, result.epochs_run, curve
 
 
-def test_run_stopped_by_sigterm_and_resumed_ends_as_the_uninterrupted_run(tiny_overrides, tmp_path, monkeypatch):
-    whole = run("PRORec", "tiny", [], overrides_for(tiny_overrides, tmp_path / "whole"))
+@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.9}], ids=["weights", "weight average"])
+def test_run_stopped_by_sigterm_and_resumed_ends_as_the_uninterrupted_run(tiny_overrides, tmp_path, monkeypatch, extra):
+    whole = run("PRORec", "tiny", [], overrides_for(tiny_overrides, tmp_path / "whole", **extra))
     assert not list((tmp_path / "whole" / "saved").glob(f"*{RESUME_SUFFIX}"))  # a finished run leaves none
 
-    overrides = overrides_for(tiny_overrides, tmp_path / "cut")
+    overrides = overrides_for(tiny_overrides, tmp_path / "cut", **extra)
     with monkeypatch.context() as patch:
         signal_during(patch, epoch=2, batch=2)
         with pytest.raises(RunInterrupted) as stopped:
@@ -40,6 +41,10 @@ def test_run_stopped_by_sigterm_and_resumed_ends_as_the_uninterrupted_run(tiny_o
     assert stopped.value.resume_file.endswith(RESUME_SUFFIX)
     state = load_checkpoint(stopped.value.resume_file)
     assert state["epoch"] == 1 and state["epochs_run"] == 2 and len(state["curve"]) == 2
+    if extra:  # the raw weights to train on and the average to validate, both
+        average = state["parameter_average"]
+        assert state["average_steps"] > 0 and set(average) <= set(state["state_dict"])
+        assert any(not torch.equal(state["state_dict"][name], tensor) for name, tensor in average.items())
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with fit
 
     resumed = run("PRORec", "tiny", [], overrides, resume="latest")

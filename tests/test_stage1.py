@@ -141,7 +141,7 @@ def test_stage1_key_follows_stage1_settings(stage1_folder, tiny_overrides):
     for changed in ({"codebook_size": 8}, {"fusion": "concat"}, {"cka_weight": 0.5}, {"stage1": {"epochs": 3}},
                     {"stage1": {"train_time_budget": 5}}, {"stage1": {"weight_decay": 0.1}},
                     {"stage1": {"stopping_step": 2}}, {"seed": 1}, {"MAX_ITEM_LIST_LENGTH": 10},
-                    {"hkmeans_balanced": True}, {"drop_last_interactions": 1}):
+                    {"hkmeans_balanced": True}, {"drop_last_interactions": 1}, {"stage1": {"ema_decay": 0.99}}):
         other = stage1_key(stage1_config(DATASET, [], tiny_overrides(**changed)))
         assert other != key, f"{changed} does not change the Stage I key"
     # Stage II's keys (its budget among them) and keys that cannot change the output keep it
@@ -150,7 +150,7 @@ def test_stage1_key_follows_stage1_settings(stage1_folder, tiny_overrides):
                  # Stage II's training loop, as benchmarks/curves.py sets it
                  {"epochs": 7, "eval_step": 1, "stopping_step": 8, "weight_decay": 0.1, "learner": "adamw",
                   "lr_scheduler": "cosine", "warmup_steps": 100, "clip_grad_norm": {"max_norm": 1.0},
-                  "lr_decay_steps": 1000, "lr_min_ratio": 0.1}):
+                  "lr_decay_steps": 1000, "lr_min_ratio": 0.1, "ema_decay": 0.999}):
         assert stage1_key(stage1_config(DATASET, [], tiny_overrides(**kept))) == key, kept
 
 

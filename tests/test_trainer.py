@@ -4,9 +4,10 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from conftest import make_prorec, signal_during
-from recbole_prorec.trainer import RunInterrupted, SafeTrainer, lr_factor
+from recbole_prorec.trainer import ParameterAverage, RunInterrupted, SafeTrainer, lr_factor
 
 
 def test_warmup_is_linear_then_each_schedule_has_its_shape():
@@ -169,3 +170,53 @@ def test_adam_and_adamw_are_fused_and_keep_their_settings(stage2, learner, fused
     assert group.get("fused") is fused
     assert group["lr"] == config["learning_rate"] and group["weight_decay"] == 0.01
     assert [id(p) for p in group["params"]] == [id(p) for p in model.parameters()]
+
+
+def test_parameter_average_follows_its_decay_and_swaps_the_weights_in_and_out():
+    layer = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(layer.weight)
+    average = ParameterAverage(layer, decay=0.5)
+    for value in (1.0, 2.0, 4.0):
+        with torch.no_grad():
+            layer.weight.fill_(value)
+        average.update()
+    # decays min(0.5, (1 + t) / (10 + t)) = 2/11, 3/12, 4/13: 0 -> 9/11 -> 9/11 + 3/4 (2 - 9/11) -> ...
+    first = 9 / 11
+    second = first + 0.75 * (2 - first)
+    third = second + (9 / 13) * (4 - second)
+    assert average.average[0] == pytest.approx(torch.full((1, 2), third)) and average.steps == 3
+    for _ in range(20):  # later the decay is capped: each step moves the average halfway
+        average.update()
+    assert average.average[0] == pytest.approx(torch.full((1, 2), 4.0), abs=1e-5)
+    with torch.no_grad():
+        layer.weight.fill_(8.0)
+    before = average.average[0].clone()
+    with average.applied():
+        assert torch.equal(layer.weight, before)
+    assert torch.equal(layer.weight, torch.full((1, 2), 8.0))
+    assert torch.equal(average.state_dict(layer.state_dict())["weight"], before)
+
+
+def test_ema_decay_validates_and_saves_the_average_and_training_goes_on_from_the_raw_weights(stage2, tmp_path):
+    config, _, (train, valid, _) = stage2
+    changes = {"epochs": 2, "eval_step": 1, "checkpoint_dir": str(tmp_path), "ema_decay": 0.9}
+    saved = {k: config[k] for k in changes}
+    config.final_config_dict.update(changes)
+    try:
+        model = make_prorec(stage2)
+        trainer = SafeTrainer(config, model)
+        raw = {}
+        trainer.optimizer.register_step_post_hook(
+            lambda *_: raw.update({n: p.detach().clone() for n, p in model.named_parameters()}))
+        trainer.fit(train, valid, saved=True)
+        after_fit = {n: p.detach().clone() for n, p in model.named_parameters()}
+        best = trainer.curve[trainer.best_epoch]
+        result = trainer.evaluate(valid, load_best_model=True)
+    finally:
+        config.final_config_dict.update(saved)
+    assert trainer.average.steps == 2 * len(train)
+    # the model leaves fit with the average, not with the last step's weights
+    assert all(torch.equal(after_fit[n], a) for n, a in zip(trainer.average.names, trainer.average.average))
+    assert any(not torch.equal(after_fit[n], raw[n]) for n in trainer.average.names)
+    # the checkpoint holds the weights that were validated: they score what the curve recorded
+    assert result["ndcg@10"] == pytest.approx(best["ndcg@10"]) and result["recall@10"] == pytest.approx(best["recall@10"])
