@@ -100,12 +100,13 @@ class ParameterAverage:
     to the initial weights. Buffers are not averaged.
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float, steps: int = 0):
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.model = model
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
         self.average = [p.detach().clone() for p in self.params]
-        self.decay, self.steps = decay, steps
+        self.decay, self.steps = decay, 0
 
     @torch.no_grad()
     def update(self) -> None:
@@ -127,9 +128,10 @@ class ParameterAverage:
         """The averaged parameters by name."""
         return dict(zip(self.names, self.average))
 
-    def state_dict(self, model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``model_state`` with the averaged parameters in place of the raw ones."""
-        return {**model_state, **{name: average.clone() for name, average in self.tensors().items()}}
+    def averaged_state(self) -> dict[str, torch.Tensor]:
+        """The model's state dict with the averaged parameters (under every name that shares them)."""
+        with self.applied():
+            return {name: value.detach().clone() for name, value in self.model.state_dict().items()}
 
     @contextmanager
     def applied(self) -> Iterator[None]:
@@ -447,9 +449,8 @@ class SafeTrainer(Trainer):
         """What every checkpoint holds: plain config, weights, optimizer, schedule and early-stopping
         counters, as tensors and plain data only (``weights_only`` loads). The weights are the ones
         validated (the average, with ``ema_decay``) unless ``validated`` is False: the training ones."""
-        weights = self.model.state_dict()
-        if validated and self.average is not None:
-            weights = self.average.state_dict(weights)
+        averaged = validated and self.average is not None
+        weights = self.average.averaged_state() if averaged else self.model.state_dict()
         return {
             "config": plain_config(self.config),
             "epoch": int(epoch),

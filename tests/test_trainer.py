@@ -194,7 +194,7 @@ def test_parameter_average_follows_its_decay_and_swaps_the_weights_in_and_out():
     with average.applied():
         assert torch.equal(layer.weight, before)
     assert torch.equal(layer.weight, torch.full((1, 2), 8.0))
-    assert torch.equal(average.state_dict(layer.state_dict())["weight"], before)
+    assert torch.equal(average.averaged_state()["weight"], before)
 
 
 def test_ema_decay_validates_and_saves_the_average_and_training_goes_on_from_the_raw_weights(stage2, tmp_path):
@@ -220,3 +220,18 @@ def test_ema_decay_validates_and_saves_the_average_and_training_goes_on_from_the
     assert any(not torch.equal(after_fit[n], raw[n]) for n in trainer.average.names)
     # the checkpoint holds the weights that were validated: they score what the curve recorded
     assert result["ndcg@10"] == pytest.approx(best["ndcg@10"]) and result["recall@10"] == pytest.approx(best["recall@10"])
+
+
+def test_parameter_average_reaches_every_name_of_a_tied_parameter():
+    model = torch.nn.Module()
+    model.encoder = torch.nn.Linear(2, 2)
+    model.decoder = model.encoder  # tied: two names in the state dict, one parameter
+    average = ParameterAverage(model, decay=0.9)
+    with torch.no_grad():
+        model.encoder.weight.add_(1.0)
+    average.update()
+    state = average.averaged_state()
+    assert set(state) == {"encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias"}
+    assert torch.equal(state["decoder.weight"], state["encoder.weight"])
+    assert torch.equal(state["encoder.weight"], average.tensors()["encoder.weight"])
+    assert not torch.equal(state["encoder.weight"], model.encoder.weight)
