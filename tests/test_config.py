@@ -166,7 +166,7 @@ def test_stage1_block_is_amended_key_by_key(tmp_path):
     assert config["stage1"] == {"epochs": 5, "train_batch_size": 64, "learning_rate": 0.005, "eval_step": 0,
                                 "stopping_step": 10, "learner": "adam", "weight_decay": 0.0, "warmup_steps": 0,
                                 "lr_scheduler": "constant", "lr_decay_steps": 0, "lr_min_ratio": 0.0,
-                                "clip_grad_norm": None, "train_time_budget": 0.0}
+                                "clip_grad_norm": None, "ema_decay": None, "train_time_budget": 0.0}
 
 
 def test_misspelt_keys_are_reported(tmp_path):
