@@ -235,3 +235,11 @@ def test_parameter_average_reaches_every_name_of_a_tied_parameter():
     assert torch.equal(state["decoder.weight"], state["encoder.weight"])
     assert torch.equal(state["encoder.weight"], average.tensors()["encoder.weight"])
     assert not torch.equal(state["encoder.weight"], model.encoder.weight)
+
+
+def test_a_saved_average_of_other_parameters_is_refused_by_name():
+    average = ParameterAverage(torch.nn.Linear(2, 1, bias=False), decay=0.9)
+    with pytest.raises(ValueError, match=r"has parameters \['bias'\] that this model lacks"):
+        average.load({"weight": torch.zeros(1, 2), "bias": torch.zeros(1)}, steps=5)
+    average.load({"weight": torch.ones(1, 2)}, steps=5)
+    assert average.steps == 5 and torch.equal(average.tensors()["weight"], torch.ones(1, 2))
