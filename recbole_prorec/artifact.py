@@ -19,6 +19,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass
+from logging import getLogger
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,18 @@ class Artifact:
     def report(self) -> dict[str, Any]:
         return json.loads(self.report_file.read_text(encoding="utf-8"))
 
+    @classmethod
+    def find(cls, unicode_dir: str | Path, dataset: str, field: str, value: Any) -> "Artifact | None":
+        """A complete artifact of ``dataset`` under ``unicode_dir`` whose report has ``field == value``."""
+        for report_file in sorted(Path(unicode_dir).glob(f"{dataset}-*/{dataset}/{REPORT_FILE}")):
+            artifact = cls(report_file.parent.parent, dataset)
+            try:
+                if artifact.report().get(field) == value:
+                    return artifact
+            except (OSError, ValueError) as e:  # another run's damaged report: not this one's to mend
+                getLogger().warning(f"Stage I: skipping {report_file} ({e})")
+        return None
+
 
 @dataclass(frozen=True)
 class ItemCodes:
@@ -71,6 +84,16 @@ class ItemCodes:
 def embedding_files(folder: Path, dataset: str) -> tuple[Path, Path]:
     """The integrated embeddings and the item token of each of their rows."""
     return folder / f"{dataset}.emb.npy", folder / f"{dataset}.emb_items.txt"
+
+
+def read_item_embeddings(folder: Path, dataset: str) -> tuple[list[str], np.ndarray]:
+    """The item tokens and their integrated embeddings [len(tokens), d], as Stage I wrote them."""
+    emb_file, items_file = embedding_files(folder, dataset)
+    emb = np.load(emb_file, allow_pickle=False)
+    tokens = items_file.read_text(encoding="utf-8").split("\n")[: len(emb)]
+    if emb.ndim != 2 or len(tokens) != len(emb):
+        raise ValueError(f"{emb_file} ({emb.shape}) does not match the {len(tokens)} tokens of {items_file}")
+    return tokens, emb
 
 
 def write_artifact(artifact: Artifact, source: Path, items: ItemCodes, report: dict[str, Any], *, id_field: str) -> None:
@@ -188,10 +211,7 @@ def load_integrated(dataset, data_dir: Path) -> torch.Tensor:
             f"PRORec needs Stage I's embeddings {emb_file} and {items_file} for IKD and integrated_item_tokens "
             "(or ikd_weight: 0 and integrated_item_tokens: False)"
         )
-    emb = np.load(emb_file)
-    tokens = items_file.read_text(encoding="utf-8").split("\n")[: len(emb)]
-    if emb.ndim != 2 or len(tokens) != len(emb):
-        raise ValueError(f"{emb_file} ({emb.shape}) does not match the {len(tokens)} tokens of {items_file}")
+    tokens, emb = read_item_embeddings(data_dir, name)
     row_of = {t: i for i, t in enumerate(tokens)}
     ids = dataset.field2id_token[dataset.iid_field][1:]
     absent = [t for t in ids if t not in row_of]

@@ -2,8 +2,10 @@
 
 ``run_stage1`` writes the Stage-I artifact (``artifact.py``) in ``<unicode_dir>/<dataset>-<key>``.
 ``<key>`` hashes Stage I's whole configuration (less the keys that cannot change its output) and
-the bytes of its input files, so a rerun with the same settings and data reuses the artifact and
-any other setting trains anew.
+the bytes of its input files, so a rerun with the same settings and data reuses the artifact.
+A run that differs from a cached one only in how the embeddings are quantized (``QUANTIZER_KEYS``)
+quantizes that run's integrated embeddings again instead of retraining the DIN; any other setting
+trains anew.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from sklearn.decomposition import PCA
 
-from recbole_prorec.artifact import Artifact, ItemCodes, write_artifact
+from recbole_prorec.artifact import Artifact, ItemCodes, read_item_embeddings, write_artifact
 from recbole_prorec.build import Run, load_data
 from recbole_prorec.config import ProjectConfig, plain_config
 from recbole_prorec.distributed import DDP_KEYS
@@ -43,6 +45,10 @@ IGNORED_KEYS = {
 # Keys added after artifacts were cached, hashed only when set away from their default, so adding
 # an option does not retrain every existing Stage I.
 HASHED_WHEN_SET = {"hkmeans_balanced": False, "drop_last_interactions": 0, "ema_decay": None}
+# Keys that act on the quantization of the integrated embeddings only: the paper's sweeps over K and
+# quantizers (benchmarks/paper.py sweep) share one trained DIN through them.
+QUANTIZER_KEYS = frozenset({"quantizer", "codebook_size", "hkmeans_n_init", "hkmeans_balanced", "rqvae_levels",
+                            "rqvae_epochs"})
 
 
 def stage1_config(dataset: str, config_files: Sequence[str], overrides: Mapping[str, Any]) -> ProjectConfig:
@@ -57,15 +63,16 @@ def _left_at_default(key: str, value: Any) -> bool:
     return key in HASHED_WHEN_SET and value == HASHED_WHEN_SET[key]
 
 
-def stage1_key(config: ProjectConfig) -> str:
+def stage1_key(config: ProjectConfig, leave_out: frozenset[str] = frozenset()) -> str:
     """Hash of what Stage I's output depends on: its configuration and the bytes of its input files.
 
     Keys without a default for Stage I's model (Stage II's ``hidden_size``, say) are left out, and
     so are the input files' paths and dates: a copy of the dataset elsewhere (another machine, a
-    fresh checkout) reuses the same Stage I output, an edited file does not."""
+    fresh checkout) reuses the same Stage I output, an edited file does not. ``leave_out``: keys
+    the hashed output does not depend on (``embeddings_key``)."""
     known = config.known_keys | {"dataset"}
     relevant = {k: v for k, v in plain_config(config).items() if k in known and k not in IGNORED_KEYS
-                and not _left_at_default(k, v)}
+                and k not in leave_out and not _left_at_default(k, v)}
     relevant["stage1"] = {k: v for k, v in (relevant.get("stage1") or {}).items() if not _left_at_default(k, v)}
     folder = Path(config["data_path"])
     inputs = {suffix: folder / f"{config['dataset']}.{suffix}" for suffix in ("inter", "item")}
@@ -77,6 +84,11 @@ def stage1_key(config: ProjectConfig) -> str:
                 relevant[f"file.{name}"] = hashlib.file_digest(f, "sha256").hexdigest()
     blob = json.dumps(relevant, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def embeddings_key(config: ProjectConfig) -> str:
+    """Hash of what the integrated embeddings depend on: Stage I's key less the quantizer's keys."""
+    return stage1_key(config, QUANTIZER_KEYS)
 
 
 @dataclass
@@ -103,6 +115,8 @@ class Stage1Result:
     quantize_seconds: float
     din: DINTraining | None = None
     reused: bool = False
+    embeddings_key: str | None = None  # what the DIN's embeddings depend on (``embeddings_key``)
+    embeddings_from: str | None = None  # the artifact whose embeddings were quantized again, if any
 
     def report(self) -> dict[str, Any]:
         """``stage1.json``: one flat record, as Stage I has always written it."""
@@ -111,6 +125,7 @@ class Stage1Result:
         if self.din:
             record.update({k: v for k, v in asdict(self.din).items() if v is not None})
         record.update(quantize_seconds=self.quantize_seconds, codes=self.codes)
+        record.update({k: v for k in ("embeddings_key", "embeddings_from") if (v := getattr(self, k))})
         return record
 
     @classmethod
@@ -119,7 +134,8 @@ class Stage1Result:
         report = artifact.report()
         din = {f.name: report[f.name] for f in fields(DINTraining) if f.name in report}
         return cls(artifact, report["items"], report["config"], report["codes"], report.get("semantic_seconds", 0.0),
-                   report.get("quantize_seconds", 0.0), DINTraining(**din) if din else None, reused=True)
+                   report.get("quantize_seconds", 0.0), DINTraining(**din) if din else None, reused=True,
+                   embeddings_key=report.get("embeddings_key"), embeddings_from=report.get("embeddings_from"))
 
 
 def run_stage1(dataset: str, config_files: Sequence[str], overrides: Mapping[str, Any]) -> Stage1Result:
@@ -134,17 +150,36 @@ def run_stage1(dataset: str, config_files: Sequence[str], overrides: Mapping[str
     if artifact.complete and not config["stage1_rerun"]:
         logger.info(f"Stage I: reusing unicodes in {artifact.folder} (stage1_rerun=True to retrain)")
         return Stage1Result.load(artifact)
-    run = load_data(ModelSpec("PRORecDIN", PRORecDIN), config)
-    tokens = list(run.dataset.field2id_token[config["ITEM_ID_FIELD"]])[1:]
-    emb, semantic_seconds, din = integrated_embeddings(run)
+    emb_key = embeddings_key(config)
+    earlier = None if config["stage1_rerun"] else Artifact.find(config["unicode_dir"], dataset, "embeddings_key", emb_key)
+    tokens, emb, semantic_seconds, din = reused_embeddings(earlier) if earlier else trained_embeddings(config)
     start = monotonic()
     codes = quantize(emb, config["quantizer"], config["codebook_size"], config["seed"], **quantizer_kwargs(config))
     result = Stage1Result(artifact, len(tokens), plain_config(config), codes.stats, semantic_seconds,
-                          monotonic() - start, din)
+                          monotonic() - start, din, embeddings_key=emb_key,
+                          embeddings_from=str(earlier.folder) if earlier else None)
     items = ItemCodes(tokens, codes.to_strings(), emb)
     write_artifact(artifact, source, items, result.report(), id_field=config["ITEM_ID_FIELD"])
     logger.info(f"Stage I: unicodes written to {artifact.folder}")
     return result
+
+
+Embeddings = tuple[list[str], np.ndarray, float, DINTraining | None]  # tokens, rows, text seconds, DIN record
+
+
+def trained_embeddings(config: ProjectConfig) -> Embeddings:
+    """Item tokens (internal id order) and their integrated embeddings, from a DIN trained now."""
+    run = load_data(ModelSpec("PRORecDIN", PRORecDIN), config)
+    tokens = list(run.dataset.field2id_token[config["ITEM_ID_FIELD"]])[1:]
+    return tokens, *integrated_embeddings(run)
+
+
+def reused_embeddings(earlier: Artifact) -> Embeddings:
+    """The embeddings of an artifact made with the same DIN and other quantizer settings, and the
+    record of that DIN's training: quantizing them anew gives what retraining would."""
+    getLogger().info(f"Stage I: quantizing the integrated embeddings of {earlier.folder} again (no DIN training)")
+    previous = Stage1Result.load(earlier)
+    return *read_item_embeddings(earlier.folder, earlier.dataset), previous.semantic_seconds, previous.din
 
 
 def check_settings(config, artifact: Artifact, source: Path) -> None:

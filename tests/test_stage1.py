@@ -133,6 +133,46 @@ def test_second_run_reuses_the_output(stage1_folder, tiny_overrides, monkeypatch
     assert snapshot(stage1_folder) == before
 
 
+def test_other_quantizer_settings_quantize_the_same_dins_embeddings(stage1_folder, tiny_overrides, monkeypatch):
+    recorder = Recorder(stage1_mod.train_din)
+    monkeypatch.setattr(stage1_mod, "train_din", forbid_training)
+    folder = stage1_root(DATASET, [], tiny_overrides(codebook_size=8))
+    assert folder != stage1_folder
+    report = json.loads((folder / DATASET / "stage1.json").read_text())
+    first = json.loads((stage1_folder / DATASET / "stage1.json").read_text())
+    assert report["embeddings_from"] == str(stage1_folder / DATASET)
+    assert report["embeddings_key"] == first["embeddings_key"]
+    assert report["train_seconds"] == first["train_seconds"]  # the DIN's record travels with its embeddings
+    emb = np.load(folder / DATASET / f"{DATASET}.emb.npy")
+    np.testing.assert_array_equal(emb, np.load(stage1_folder / DATASET / f"{DATASET}.emb.npy"))
+    codes = read_codes(folder)
+    tokens = (folder / DATASET / f"{DATASET}.emb_items.txt").read_text().split()
+    expected = quantize(emb, "hkmeans", 8, 2020).to_strings()
+    assert [codes[t] for t in tokens] == expected
+    assert read_codes(folder) != read_codes(stage1_folder)
+    # what retraining would have given: the DIN is deterministic, so the same codes
+    monkeypatch.setattr(stage1_mod, "train_din", recorder)
+    assert stage1_root(DATASET, [], tiny_overrides(codebook_size=8, stage1_rerun=True)) == folder
+    assert len(recorder.cka_weights) == 1
+    assert "embeddings_from" not in json.loads((folder / DATASET / "stage1.json").read_text())
+    assert read_codes(folder) == codes
+
+
+def test_a_damaged_report_elsewhere_is_skipped_and_named(stage1_folder, tiny_overrides, monkeypatch, caplog):
+    monkeypatch.setattr(stage1_mod, "train_din", forbid_training)
+    damaged = stage1_folder.parent / f"{DATASET}-000000000000" / DATASET / "stage1.json"
+    damaged.parent.mkdir(parents=True)
+    damaged.write_text("{not json")
+    try:
+        folder = stage1_root(DATASET, [], tiny_overrides(codebook_size=5))
+    finally:
+        shutil.rmtree(damaged.parent.parent)
+    report = json.loads((folder / DATASET / "stage1.json").read_text())
+    source = json.loads((Path(report["embeddings_from"]) / "stage1.json").read_text())
+    assert source["embeddings_key"] == report["embeddings_key"]  # found past the damaged one, not retrained
+    assert any(str(damaged) in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
 def test_stage1_key_follows_stage1_settings(stage1_folder, tiny_overrides):
     key = stage1_key(stage1_config(DATASET, [], tiny_overrides()))
     assert stage1_folder.name == f"{DATASET}-{key}"
