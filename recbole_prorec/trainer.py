@@ -588,7 +588,9 @@ class SafePretrainer(SafeTrainer, PretrainTrainer):
     def save_pretrained_model(self, epoch, saved_model_file):
         if not ddp.is_main(self.config):
             return
-        state = {"config": plain_config(self.config), "epoch": int(epoch), "state_dict": self.model.state_dict()}
+        # with ema_decay, fine-tuning starts from the average, as every checkpoint of fit holds it
+        weights = self.average.averaged_state() if self.average is not None else self.model.state_dict()
+        state = {"config": plain_config(self.config), "epoch": int(epoch), "state_dict": weights}
         with atomic_file(saved_model_file, binary=True) as handle:
             torch.save(state, handle)
         self.saved_model_file = saved_model_file

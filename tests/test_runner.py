@@ -132,6 +132,23 @@ def test_s3rec_pretrains_then_finetunes_from_its_weights(tiny_overrides, tiny_wo
     assert result.epochs_run == 1 and 0.0 <= result.test["ndcg@10"] <= 1.0
 
 
+def test_s3rec_pretraining_hands_on_its_weight_average(tiny_overrides, tiny_work, monkeypatch):
+    """With ema_decay, the pre-trained weights fine-tuning starts from are the average, not the last step's."""
+    from recbole_prorec.runner import run
+    from recbole_prorec.trainer import ParameterAverage
+
+    states, real = [], ParameterAverage.averaged_state
+    monkeypatch.setattr(ParameterAverage, "averaged_state", lambda self: states.append(real(self)) or states[-1])
+    saved = tiny_work / "s3rec_ema"
+    run("S3Rec", "tiny", [], tiny_overrides(item_attribute="categories", pretrain_epochs=2, epochs=1,
+                                            checkpoint_dir=str(saved), ema_decay=0.9))
+    (pretrained,) = saved.glob("S3Rec-*-pretrained.pth")
+    weights = load_checkpoint(str(pretrained))["state_dict"]
+    assert states, "pre-training saved no average"
+    assert weights.keys() == states[0].keys()
+    assert all(torch.equal(weights[k], states[0][k]) for k in weights)  # the first average taken is the one saved
+
+
 def test_each_model_of_a_multi_model_run_gets_its_own_log_file(tiny_root, tmp_path, monkeypatch):
     import logging
 
