@@ -2,8 +2,9 @@
 and whether their overall differences are larger than chance (paired, user by user).
 
 For each ``--run LABEL=CHECKPOINT`` (a model or variant and a checkpoint the runner saved for it)
-the script rebuilds the run's data (PRORec: its Stage-I artifact for the same settings, which Stage I
-writes first if it is not cached), loads the weights and ranks every user's target of ``--split``
+the script rebuilds the run from the settings the checkpoint records (PRORec: on the Stage-I artifact
+it was trained on, so checkpoints of different codes can be set side by side; ``--set`` changes
+ranking settings on top), loads the weights and ranks every user's target of ``--split``
 with the full-ranking protocol. Users are grouped by how often their target is a training target
 (RecBole's training examples, one per history prefix); per group it reports Recall@20 of each
 run and, for models of codes, the share of users whose target's first code is among the top 20's.
@@ -62,20 +63,25 @@ def ranks(model, loader, device) -> tuple[np.ndarray, np.ndarray, np.ndarray | N
     return torch.cat(targets).numpy(), torch.cat(positions).numpy(), torch.cat(first).numpy() if first else None
 
 
-def evaluate_run(label: str, checkpoint: str, dataset: str, files: Sequence[str], overrides: dict,
-                 split: str, device) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(targets, ranks, first-code hits, training frequency of every item) of one trained run."""
-    from recbole_prorec.build import build
-    from recbole_prorec.registry import resolve_model
-    from recbole_prorec.runner import stage1_folder
+def evaluate_run(label: str, checkpoint: str, dataset: str, overrides: dict, split: str,
+                 device) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(targets, ranks, first-code hits, training frequency of every item) of one trained run.
+
+    The run is rebuilt from the settings its checkpoint records (PRORec: its own Stage-I artifact,
+    so checkpoints of other codes or quantizer settings are ranked on their own codes), with
+    ``overrides`` (``--set``, ``--rerank``: ranking settings) on top."""
+    from recbole_prorec.build import load_data
+    from recbole_prorec.quick_start import checkpoint_config
     from recbole_prorec.trainer import SafeTrainer
 
-    spec = resolve_model(label)
-    run = build(spec, dataset, files, overrides, data_folder=stage1_folder(spec, dataset, files, overrides))
+    spec, config = checkpoint_config(checkpoint, extra=overrides)
+    if (spec.label, config["dataset"]) != (label, dataset):
+        raise ValueError(f"{checkpoint} holds {spec.label} on {config['dataset']}, not {label} on {dataset}")
+    run = load_data(spec, config)
     model = run.model()
-    SafeTrainer(run.config, model).load_best(checkpoint)  # refuses another model's or dataset's weights
+    SafeTrainer(config, model).load_best(checkpoint)
     model.eval()
-    items = run.train._dataset.inter_feat[run.config["ITEM_ID_FIELD"]].numpy()
+    items = run.train._dataset.inter_feat[config["ITEM_ID_FIELD"]].numpy()
     frequency = np.bincount(items, minlength=run.dataset.item_num)
     return (*ranks(model, run.valid if split == "valid" else run.test, device), frequency)
 
@@ -158,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     device = setup(args)
     overrides, tmp = run_overrides(args, parser, device)
     files = [f for f in args.config_files.split(",") if f]
+    if files and args.run:
+        parser.error("each --run is rebuilt from its checkpoint's own settings: change ranking settings with --set")
     pairs = [r.partition("=")[::2] for r in args.run]
     if args.quick and not pairs:  # one epoch of each, checkpoints in the temporary folder
         from recbole_prorec.runner import run
@@ -172,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         rerank = {**overrides, **parse_settings(args.rerank, parser, "--rerank")}
         runs.append((f"{names[0]} with {', '.join(args.rerank)}", *pairs[0], rerank))
     try:
-        results = {name: evaluate_run(label, path, args.dataset, files, settings, args.split, device)
+        results = {name: evaluate_run(label, path, args.dataset, settings, args.split, device)
                    for name, label, path, settings in runs}
     finally:
         if tmp:

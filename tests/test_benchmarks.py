@@ -14,6 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import DATASET
+from recbole_prorec.trainer import load_checkpoint
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -198,6 +201,20 @@ def test_frequency_quick_groups_users_and_matches_recbole(capsys, monkeypatch):
         assert low <= float(diff) <= high and 0 <= float(p) <= 1
 
 
+def test_frequency_ranks_a_checkpoint_as_the_run_that_saved_it(trained_prorec):
+    """Its own dataset folder, Stage-I codes (K=4, not the default 256) and weights, from the checkpoint
+    alone: the mean NDCG@10 of the ranks is the validation score the checkpoint was kept for."""
+    frequency = load("frequency")
+    quiet = {"show_progress": False, "gpu_id": "", "state": "warning"}
+    targets, ranks, first, counts = frequency.evaluate_run("PRORec", str(trained_prorec), DATASET, quiet, "valid",
+                                                          torch.device("cpu"))
+    assert len(targets) == len(ranks) == len(first) > 0 and counts.sum() > 0
+    ndcg = frequency.user_metrics(ranks)["NDCG@10"].mean()
+    assert ndcg == pytest.approx(load_checkpoint(str(trained_prorec))["best_valid_score"], abs=1e-4)
+    with pytest.raises(ValueError, match=f"holds PRORec on {DATASET}, not SASRec-CE on {DATASET}"):
+        frequency.evaluate_run("SASRec-CE", str(trained_prorec), DATASET, quiet, "valid", torch.device("cpu"))
+
+
 def test_paired_rows_test_the_difference_user_by_user():
     frequency = load("frequency")
     targets = np.arange(400)
@@ -222,7 +239,7 @@ def test_frequency_rerank_ranks_the_first_checkpoint_again_with_the_settings_cha
     calls, targets = [], np.arange(200)
     ranks = {None: np.tile([0, 15], 100), 0.0: np.tile([0, 5], 100)}  # the rerank lifts half the users to the top 10
 
-    def fake_run(label, path, dataset, files, overrides, split, device):
+    def fake_run(label, path, dataset, overrides, split, device):
         calls.append((label, path, overrides.get("item_id_shrinkage"), overrides["show_progress"], split))
         return targets, ranks[overrides.get("item_id_shrinkage")], None, np.ones(200, dtype=int)
 
