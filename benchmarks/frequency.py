@@ -70,20 +70,15 @@ def evaluate_run(label: str, checkpoint: str, dataset: str, overrides: dict, spl
     The run is rebuilt from the settings its checkpoint records (PRORec: its own Stage-I artifact,
     so checkpoints of other codes or quantizer settings are ranked on their own codes), with
     ``overrides`` (``--set``, ``--rerank``: ranking settings) on top."""
-    from recbole_prorec.build import load_data
-    from recbole_prorec.quick_start import checkpoint_config
-    from recbole_prorec.trainer import SafeTrainer
+    from recbole_prorec.quick_start import load_data_and_model
 
-    spec, config = checkpoint_config(checkpoint, extra=overrides)
-    if (spec.label, config["dataset"]) != (label, dataset):
-        raise ValueError(f"{checkpoint} holds {spec.label} on {config['dataset']}, not {label} on {dataset}")
-    run = load_data(spec, config)
-    model = run.model()
-    SafeTrainer(config, model).load_best(checkpoint)
+    config, model, data, train, valid, test = load_data_and_model(checkpoint, extra=overrides)
+    if (config["model_label"], config["dataset"]) != (label, dataset):
+        raise ValueError(f"{checkpoint} holds {config['model_label']} on {config['dataset']}, not {label} on {dataset}")
     model.eval()
-    items = run.train._dataset.inter_feat[config["ITEM_ID_FIELD"]].numpy()
-    frequency = np.bincount(items, minlength=run.dataset.item_num)
-    return (*ranks(model, run.valid if split == "valid" else run.test, device), frequency)
+    items = train._dataset.inter_feat[config["ITEM_ID_FIELD"]].numpy()
+    frequency = np.bincount(items, minlength=data.item_num)
+    return (*ranks(model, valid if split == "valid" else test, device), frequency)
 
 
 def bucket_rows(results: dict[str, tuple]) -> list[list]:

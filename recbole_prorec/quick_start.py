@@ -81,10 +81,10 @@ def checkpoint_config(model_file: str | Path, data_folder: Path | None = None,
     return spec, ProjectConfig(spec, saved["dataset"], (), overrides, data_folder=folder)
 
 
-def load_data_and_model(model_file: str | Path):
+def load_data_and_model(model_file: str | Path, extra: Mapping[str, Any] | None = None):
     """``(config, model, dataset, train_data, valid_data, test_data)`` of a checkpoint the runner
-    saved, with the best weights loaded."""
-    spec, config = checkpoint_config(model_file)
+    saved, with the best weights loaded; ``extra`` settings (ranking keys, say) on top of its own."""
+    spec, config = checkpoint_config(model_file, extra=extra)
     start_log(config)
     data = load_data(spec, config)
     model = data.model()
