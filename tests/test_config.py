@@ -50,7 +50,7 @@ def test_dataset_yaml_overrides_model_defaults():
     assert "unicode" in config["load_col"]["item"]  # PRORec asks RecBole to load its codes
     everything = ProjectConfig(resolve_model("PRORec"), "ml-100k", overrides={"load_col": None})
     assert everything["load_col"] is None  # RecBole then loads every column, the codes among them
-    assert config["n_decoder_layers"] == 4 and config["codebook_size"] == 256
+    assert config["n_decoder_layers"] == 4 and config["codebook_size"] == 512
 
 
 def test_wrong_type_from_file_names_key_and_file(tmp_path):
