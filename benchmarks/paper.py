@@ -327,9 +327,11 @@ def layers(args, files: Sequence[str], overrides: dict) -> dict:
 
 def sweep(args, files: Sequence[str], overrides: dict) -> dict:
     """Figure 9: codebook size K, quantizer and text encoder, one setting changed at a time from
-    PRORec's defaults (K=256, hkmeans, the bundled MiniLM)."""
+    PRORec's defaults (its YAML's K, hkmeans, the bundled MiniLM)."""
     from recbole_prorec.semantic import POOLINGS
+    from recbole_prorec.stage1 import stage1_config
 
+    default_k = stage1_config(args.dataset, files, overrides)["codebook_size"]
     settings = [(f"K={k}", {"codebook_size": k}) for k in (int(k) for k in args.sizes.split(","))]
     settings += [(f"quantizer {q}", {"quantizer": q}) for q in args.quantizers.split(",") if q != "hkmeans"]
     for spec in filter(None, args.encoders.split(",")):
@@ -343,7 +345,7 @@ def sweep(args, files: Sequence[str], overrides: dict) -> dict:
                 "setting (one change from the defaults each)", "test metric")
     md = write_analysis(args, "sweep", f"Codebook size, quantizer and text encoder on {args.dataset} (paper Figure 9)",
                         rows_table(rows) + f"\n\nFigure: `{png.name}`. Each row changes one setting of the run's "
-                        "defaults (PRORec's: K=256, hkmeans, the bundled all-MiniLM-L6-v2 with mean pooling).")
+                        f"defaults (PRORec's: K={default_k}, hkmeans, the bundled all-MiniLM-L6-v2 with mean pooling).")
     return {"rows": rows, "md": md, "png": png}
 
 
@@ -365,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         "(its name in the table; repeatable); rows stored by an earlier run with the same settings are reused")
     parser.add_argument("--depths", default="1,2,4,8", help="layers: depths to train")
     parser.add_argument("--sizes", default="128,256,512", help="sweep: codebook sizes K")
-    parser.add_argument("--quantizers", default="random,rqvae,hkmeans", help="sweep: quantizers (hkmeans is the K=256 row)")
+    parser.add_argument("--quantizers", default="random,rqvae,hkmeans", help="sweep: quantizers (hkmeans is the default K's row)")
     parser.add_argument("--encoders", default="", help="sweep: extra text encoders (HF paths, NAME:last for "
                         "last-token pooling) or .npy embedding files, comma-separated")
     add_run_arguments(parser)

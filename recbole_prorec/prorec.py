@@ -484,7 +484,7 @@ class PRORec(SequentialRecommender):
     def _item_logits(self, states: torch.Tensor, nodes: torch.Tensor, level: int) -> torch.Tensor:
         """<state, own token> + item bias [N, K] of the items completed by each child of ``nodes``
         (0 where a child completes no item). Only those children are scored (``leaf_children``: at
-        most about 110 of K=256 on Amazon), in two forms of the same numbers chosen by cost on a
+        most 85 of K=512 on Beauty, about 110 of K=256), in two forms of the same numbers chosen by cost on a
         CPU: with gradients, a gather of each row's [C, H] item embeddings and one batched product
         (half the cost of scoring the whole catalogue densely); without, one [rows, H] x [H, C]
         product per distinct node (beams crowd into few clusters), which never forms [N, n_items];

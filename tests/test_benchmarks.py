@@ -365,6 +365,7 @@ def test_paper_sweep_quick_changes_one_setting_per_row(tmp_path):
     _check_rows(result["rows"], ["K=64", "K=256", "quantizer random"])
     assert len({r["artifact"] for r in result["rows"]}) == 3  # one Stage I per setting
     assert result["png"].stat().st_size > 10_000
+    assert "(PRORec's: K=512, hkmeans," in result["md"].read_text()  # the YAML's K, which the rows change from
 
 
 def test_cold_start_quick_holds_items_out_and_adds_them_back(tmp_path):
