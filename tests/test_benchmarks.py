@@ -202,7 +202,7 @@ def test_frequency_quick_groups_users_and_matches_recbole(capsys, monkeypatch):
 
 
 def test_frequency_ranks_a_checkpoint_as_the_run_that_saved_it(trained_prorec):
-    """Its own dataset folder, Stage-I codes (K=4, not the default 256) and weights, from the checkpoint
+    """Its own dataset folder, Stage-I codes (K=4, not the default) and weights, from the checkpoint
     alone: the mean NDCG@10 of the ranks is the validation score the checkpoint was kept for."""
     frequency = load("frequency")
     quiet = {"show_progress": False, "gpu_id": "", "state": "warning"}
