@@ -15,7 +15,10 @@ lead or lag can be told from the noise of one split. ``valid`` is the default; `
 reads the test split, for explaining a reported row only. ``--rerank KEY=VALUE`` ranks the first
 checkpoint once more with a ranking setting changed (``item_id_shrinkage``, ``item_temperature``,
 ``beam_size``) and sets that ranking against the first: what a ranking-only change does to one
-trained model, user by user.
+trained model, user by user. A checkpoint of a nested run (``drop_last_interactions``, as
+``curves.py --pseudo-test`` saves at its validation-selected epoch) is rebuilt on its nested split,
+so ``--split test`` there ranks the pseudo-test split and sets two such runs against each other
+without reading the real test split.
 
     python benchmarks/frequency.py --dataset Amazon_Beauty --run PRORec=saved/PRORec-X.pth \\
         --run SASRec-CE=saved/SASRec-Y.pth --split valid --out docs/frequency_Amazon_Beauty.md

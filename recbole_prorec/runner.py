@@ -173,8 +173,8 @@ def run(
 
 
 def test_metrics(trainer: SafeTrainer, test) -> dict[str, float]:
-    """The current weights' metrics on ``test``, named ``test_<metric>``."""
-    return {f"test_{k}": float(v) for k, v in trainer.evaluate(test, load_best_model=False).items()}
+    """``test``'s metrics of the weights just validated, named ``test_<metric>``."""
+    return {f"test_{k}": float(v) for k, v in trainer.evaluate_validated(test).items()}
 
 
 def pretrain(data: Run) -> float:

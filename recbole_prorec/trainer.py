@@ -423,6 +423,12 @@ class SafeTrainer(Trainer):
         for name, value in named.items():
             self.tensorboard.add_scalar(f"{tag}/{name}", value, epoch_idx)
 
+    def evaluate_validated(self, eval_data) -> dict:
+        """``eval_data``'s metrics of the weights validation scores (the average, with ``ema_decay``),
+        so a split evaluated beside validation during ``fit`` measures the model validation measured."""
+        with self.average.applied() if self.average is not None else nullcontext():
+            return self.evaluate(eval_data, load_best_model=False)
+
     def _valid_epoch(self, valid_data, show_progress=False):
         with self.average.applied() if self.average is not None else nullcontext():
             score, result = super()._valid_epoch(valid_data, show_progress)

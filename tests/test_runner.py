@@ -254,11 +254,14 @@ def test_dropping_each_users_last_interaction_makes_the_validation_item_the_test
         build_recbole("SASRec", tiny_overrides(drop_last_interactions=-1))
 
 
-def test_test_metrics_every_epoch_only_on_a_nested_split(tiny_overrides):
+@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.5}], ids=["weights", "weight average"])
+def test_test_metrics_every_epoch_only_on_a_nested_split(tiny_overrides, extra):
+    """The pseudo-test after an epoch scores the weights its validation scored: with ``ema_decay``
+    the average, not the last step's weights (which it scored before session 23's fix)."""
     from conftest import DATASET
     from recbole_prorec.runner import run
 
-    overrides = tiny_overrides(epochs=2)
+    overrides = tiny_overrides(epochs=2, **extra)
     with pytest.raises(ValueError, match="only with drop_last_interactions >= 1"):
         run("SASRec-CE", DATASET, [], overrides, test_every_epoch=True)
     result = run("SASRec-CE", DATASET, [], {**overrides, "drop_last_interactions": 1}, saved=False,
@@ -267,5 +270,5 @@ def test_test_metrics_every_epoch_only_on_a_nested_split(tiny_overrides):
     for entry in result.curve:
         assert 0 <= entry["test_ndcg@10"] <= entry["test_recall@10"] <= entry["test_recall@20"] <= 1
         assert 0 <= entry["ndcg@10"] <= 1  # validation metrics stay under their own names
-    # saved=False tests the last weights: the same numbers as the last epoch's pseudo-test
+    # saved=False tests the weights fit ends with (the last validated ones): the last epoch's pseudo-test
     assert {k: result.curve[-1][f"test_{k}"] for k in result.test} == pytest.approx(result.test)
