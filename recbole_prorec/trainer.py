@@ -21,7 +21,7 @@ import math
 import random
 import signal
 import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from time import monotonic
 from typing import Any, Iterator, Mapping
@@ -423,14 +423,18 @@ class SafeTrainer(Trainer):
         for name, value in named.items():
             self.tensorboard.add_scalar(f"{tag}/{name}", value, epoch_idx)
 
+    def _validated_weights(self) -> AbstractContextManager:
+        """A block in which the model holds the weights validation scores: the average, with ``ema_decay``."""
+        return self.average.applied() if self.average is not None else nullcontext()
+
     def evaluate_validated(self, eval_data) -> dict:
-        """``eval_data``'s metrics of the weights validation scores (the average, with ``ema_decay``),
-        so a split evaluated beside validation during ``fit`` measures the model validation measured."""
-        with self.average.applied() if self.average is not None else nullcontext():
+        """``eval_data``'s metrics of the weights validation scores, so a split evaluated beside
+        validation during ``fit`` measures the model validation measured."""
+        with self._validated_weights():
             return self.evaluate(eval_data, load_best_model=False)
 
     def _valid_epoch(self, valid_data, show_progress=False):
-        with self.average.applied() if self.average is not None else nullcontext():
+        with self._validated_weights():
             score, result = super()._valid_epoch(valid_data, show_progress)
         release_freed_memory()
         stats = {"train_s": self.train_time, "elapsed_s": monotonic() - self._fit_start,
