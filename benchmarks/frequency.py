@@ -14,11 +14,11 @@ runs or more, every later run is set against the first on the same users: Recall
 lead or lag can be told from the noise of one split. ``valid`` is the default; ``--split test``
 reads the test split, for explaining a reported row only. ``--rerank KEY=VALUE`` ranks the first
 checkpoint once more with a ranking setting changed (``item_id_shrinkage``, ``item_temperature``,
-``beam_size``) and sets that ranking against the first: what a ranking-only change does to one
-trained model, user by user. A checkpoint of a nested run (``drop_last_interactions``, as
-``curves.py --pseudo-test`` saves at its validation-selected epoch) is rebuilt on its nested split,
-so ``--split test`` there ranks the pseudo-test split and sets two such runs against each other
-without reading the real test split.
+``beam_size``; other keys are refused) and sets that ranking against the first: what a ranking-only
+change does to one trained model, user by user, on the dataset loaded once. A checkpoint of a
+nested run (``drop_last_interactions``, as ``curves.py --pseudo-test`` saves at its
+validation-selected epoch) is rebuilt on its nested split, so ``--split test`` there ranks the
+pseudo-test split and sets two such runs against each other without reading the real test split.
 
     python benchmarks/frequency.py --dataset Amazon_Beauty --run PRORec=saved/PRORec-X.pth \\
         --run SASRec-CE=saved/SASRec-Y.pth --split valid --out docs/frequency_Amazon_Beauty.md
@@ -29,6 +29,7 @@ without reading the real test split.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -66,22 +67,44 @@ def ranks(model, loader, device) -> tuple[np.ndarray, np.ndarray, np.ndarray | N
     return torch.cat(targets).numpy(), torch.cat(positions).numpy(), torch.cat(first).numpy() if first else None
 
 
-def evaluate_run(label: str, checkpoint: str, dataset: str, overrides: dict, split: str,
-                 device) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(targets, ranks, first-code hits, training frequency of every item) of one trained run.
+def evaluate_run(label: str, checkpoint: str, dataset: str, overrides: dict, split: str, device,
+                 rerank: dict | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """(targets, ranks, first-code hits, training frequency of every item) of one trained run, and
+    with ``rerank`` a second such tuple: the same weights ranked with those ranking keys changed.
 
     The run is rebuilt from the settings its checkpoint records (PRORec: its own Stage-I artifact,
     so checkpoints of other codes or quantizer settings are ranked on their own codes), with
-    ``overrides`` (``--set``, ``--rerank``: ranking settings) on top."""
-    from recbole_prorec.quick_start import load_data_and_model
+    ``overrides`` (``--set``: ranking settings) on top. The dataset is built once for both
+    rankings: ``rerank`` holds ranking keys only, which change the model, not the data."""
+    from recbole_prorec.quick_start import checkpoint_config, load_checkpoint_data, load_model
 
-    config, model, data, train, valid, test = load_data_and_model(checkpoint, extra=overrides)
+    data = load_checkpoint_data(checkpoint, overrides)
+    config = data.config
     if (config["model_label"], config["dataset"]) != (label, dataset):
         raise ValueError(f"{checkpoint} holds {config['model_label']} on {config['dataset']}, not {label} on {dataset}")
-    model.eval()
-    items = train._dataset.inter_feat[config["ITEM_ID_FIELD"]].numpy()
-    frequency = np.bincount(items, minlength=data.item_num)
-    return (*ranks(model, valid if split == "valid" else test, device), frequency)
+    items = data.train._dataset.inter_feat[config["ITEM_ID_FIELD"]].numpy()
+    frequency = np.bincount(items, minlength=data.dataset.item_num)
+    configs = [config] + ([checkpoint_config(checkpoint, extra={**overrides, **rerank})[1]] if rerank else [])
+    results = []
+    for ranking in configs:
+        model = load_model(checkpoint, replace(data, config=ranking))
+        model.eval()
+        results.append((*ranks(model, data.valid if split == "valid" else data.test, device), frequency))
+    return results
+
+
+def ranking_settings(label: str, items: Sequence[str], parser) -> dict:
+    """``--rerank``'s settings, refused unless each is one of ``label``'s ranking-only keys: any
+    other key would change the data or the weights, which a second ranking of one checkpoint keeps."""
+    from recbole_prorec.registry import resolve_model
+
+    settings = parse_settings(items, parser, "--rerank")
+    allowed = getattr(resolve_model(label).model_class, "RANKING_KEYS", ())
+    wrong = sorted(set(settings) - set(allowed))
+    if wrong:
+        parser.error(f"--rerank {', '.join(wrong)}: {label}'s ranking-only keys are {', '.join(allowed) or 'none'}; "
+                     "compare two checkpoints with --run for anything else")
+    return settings
 
 
 def bucket_rows(results: dict[str, tuple]) -> list[list]:
@@ -173,13 +196,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not pairs or any(not label or not path for label, path in pairs):
         parser.error("give at least one --run LABEL=CHECKPOINT")
     names = run_names(pairs)
-    runs = [(name, label, path, overrides) for name, (label, path) in zip(names, pairs)]
-    if args.rerank:  # the first checkpoint once more, ranked with the settings changed
-        rerank = {**overrides, **parse_settings(args.rerank, parser, "--rerank")}
-        runs.append((f"{names[0]} with {', '.join(args.rerank)}", *pairs[0], rerank))
+    rerank = ranking_settings(pairs[0][0], args.rerank, parser) if args.rerank else None
     try:
-        results = {name: evaluate_run(label, path, args.dataset, settings, args.split, device)
-                   for name, label, path, settings in runs}
+        evaluated = [evaluate_run(label, path, args.dataset, overrides, args.split, device, rerank if i == 0 else None)
+                     for i, (label, path) in enumerate(pairs)]
+        results = {name: rankings[0] for name, rankings in zip(names, evaluated)}
+        if rerank:  # the first checkpoint once more, ranked with the settings changed
+            results[f"{names[0]} with {', '.join(args.rerank)}"] = evaluated[0][1]
     finally:
         if tmp:
             tmp.cleanup()
@@ -188,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     header = ["times the target is a training target", "users"]
     for name in results:
         header += [f"{name} Recall@{TOP}", f"{name} first code in top {TOP}"]
-    checkpoints = ", ".join(f"{name} = `{path}`" for name, _, path, _ in runs)
+    checkpoints = ", ".join(f"{name} = `{path}`" for name, (_, path) in zip(names, pairs))
     report.add(f"Checkpoints: {checkpoints}. First code: the share of users whose target's first code is among "
                f"the top {TOP} items' (models of codes only).\n\n"
                + markdown_table(header, bucket_rows(results)))

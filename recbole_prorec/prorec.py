@@ -225,6 +225,9 @@ class PRORec(SequentialRecommender):
     needs_stage1 = True
     LAST_CODE_TOKENS = ("item", "shared")
     HISTORY_TOKENS = ("codes", "item")
+    # settings that change how a trained model ranks, not what it trains on or what its weights are:
+    # a checkpoint can be ranked again with other values on the same loaded data (frequency.py --rerank)
+    RANKING_KEYS = ("beam_size", "item_temperature", "item_id_shrinkage")
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)

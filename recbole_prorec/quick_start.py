@@ -10,8 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import torch
+
 from recbole_prorec import runner
-from recbole_prorec.build import load_data
+from recbole_prorec.build import Run, load_data
 from recbole_prorec.config import ProjectConfig, plain_config
 from recbole_prorec.distributed import DDP_KEYS
 from recbole_prorec.logs import start_log
@@ -84,9 +86,22 @@ def checkpoint_config(model_file: str | Path, data_folder: Path | None = None,
 def load_data_and_model(model_file: str | Path, extra: Mapping[str, Any] | None = None):
     """``(config, model, dataset, train_data, valid_data, test_data)`` of a checkpoint the runner
     saved, with the best weights loaded; ``extra`` settings (ranking keys, say) on top of its own."""
+    data = load_checkpoint_data(model_file, extra)
+    return data.config, load_model(model_file, data), data.dataset, data.train, data.valid, data.test
+
+
+def load_checkpoint_data(model_file: str | Path, extra: Mapping[str, Any] | None = None) -> Run:
+    """The dataset and loaders of the run that saved ``model_file``, built from its settings with
+    ``extra`` on top, as that run built them."""
     spec, config = checkpoint_config(model_file, extra=extra)
     start_log(config)
-    data = load_data(spec, config)
+    return load_data(spec, config)
+
+
+def load_model(model_file: str | Path, data: Run) -> torch.nn.Module:
+    """A fresh model of ``data``'s run holding the checkpoint's best weights. ``data.config`` may
+    differ from the checkpoint's settings in ranking keys (the model's ``RANKING_KEYS``), so one
+    loaded dataset serves a trained model ranked several ways without being built again."""
     model = data.model()
-    SafeTrainer(config, model).load_best(str(model_file))
-    return config, model, data.dataset, data.train, data.valid, data.test
+    SafeTrainer(data.config, model).load_best(str(model_file))
+    return model

@@ -206,8 +206,8 @@ def test_frequency_ranks_a_checkpoint_as_the_run_that_saved_it(trained_prorec):
     alone: the mean NDCG@10 of the ranks is the validation score the checkpoint was kept for."""
     frequency = load("frequency")
     quiet = {"show_progress": False, "gpu_id": "", "state": "warning"}
-    targets, ranks, first, counts = frequency.evaluate_run("PRORec", str(trained_prorec), DATASET, quiet, "valid",
-                                                          torch.device("cpu"))
+    ((targets, ranks, first, counts),) = frequency.evaluate_run("PRORec", str(trained_prorec), DATASET, quiet,
+                                                               "valid", torch.device("cpu"))
     assert len(targets) == len(ranks) == len(first) > 0 and counts.sum() > 0
     ndcg = frequency.user_metrics(ranks)["NDCG@10"].mean()
     assert ndcg == pytest.approx(load_checkpoint(str(trained_prorec))["best_valid_score"], abs=1e-4)
@@ -239,15 +239,15 @@ def test_frequency_rerank_ranks_the_first_checkpoint_again_with_the_settings_cha
     calls, targets = [], np.arange(200)
     ranks = {None: np.tile([0, 15], 100), 0.0: np.tile([0, 5], 100)}  # the rerank lifts half the users to the top 10
 
-    def fake_run(label, path, dataset, overrides, split, device):
-        calls.append((label, path, overrides.get("item_id_shrinkage"), overrides["show_progress"], split))
-        return targets, ranks[overrides.get("item_id_shrinkage")], None, np.ones(200, dtype=int)
+    def fake_run(label, path, dataset, overrides, split, device, rerank=None):
+        calls.append((label, path, overrides["show_progress"], split, rerank))
+        settings = [overrides, {**overrides, **(rerank or {})}][:1 + bool(rerank)]
+        return [(targets, ranks[s.get("item_id_shrinkage")], None, np.ones(200, dtype=int)) for s in settings]
 
     monkeypatch.setattr(frequency, "evaluate_run", fake_run)
     summary = frequency.main(["--run", "PRORec=saved/PRORec-a.pth", "--rerank", "item_id_shrinkage=0",
                               "--split", "test", "--out", str(tmp_path / "f.md")])
-    assert calls == [("PRORec", "saved/PRORec-a.pth", None, False, "test"),
-                     ("PRORec", "saved/PRORec-a.pth", 0.0, False, "test")]
+    assert calls == [("PRORec", "saved/PRORec-a.pth", False, "test", {"item_id_shrinkage": 0.0})]
     assert list(summary) == ["PRORec", "PRORec with item_id_shrinkage=0"]
     header, rows = table_with(capsys.readouterr().out, "95 % interval")
     recall10 = next(r for r in rows if r[1] == "Recall@10")
@@ -256,6 +256,33 @@ def test_frequency_rerank_ranks_the_first_checkpoint_again_with_the_settings_cha
     with pytest.raises(SystemExit):
         frequency.main(["--run", "PRORec=saved/PRORec-a.pth", "--rerank", "item_id_shrinkage"])
     assert "--rerank expects KEY=VALUE, got 'item_id_shrinkage'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a key that changes the data or the weights is not a second ranking
+        frequency.main(["--run", "PRORec=saved/PRORec-a.pth", "--rerank", "hidden_size=64"])
+    assert ("--rerank hidden_size: PRORec's ranking-only keys are beam_size, item_temperature, item_id_shrinkage"
+            in capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        frequency.main(["--run", "SASRec-CE=saved/SASRec-a.pth", "--rerank", "beam_size=50"])
+    assert "SASRec-CE's ranking-only keys are none" in capsys.readouterr().err
+    assert len(calls) == 1
+
+
+def test_frequency_rerank_builds_the_data_once_and_ranks_as_a_fresh_load(trained_prorec, monkeypatch):
+    """The second ranking reuses the first's dataset and equals a run loaded afresh with the setting."""
+    import recbole_prorec.quick_start as quick_start
+
+    frequency = load("frequency")
+    quiet, cpu = {"show_progress": False, "gpu_id": "", "state": "warning"}, torch.device("cpu")
+    builds, real = [], quick_start.load_data
+    monkeypatch.setattr(quick_start, "load_data", lambda *a: builds.append(a) or real(*a))
+    first, again = frequency.evaluate_run("PRORec", str(trained_prorec), DATASET, quiet, "valid", cpu,
+                                          rerank={"item_temperature": 5.0})
+    assert len(builds) == 1
+    (alone,) = frequency.evaluate_run("PRORec", str(trained_prorec), DATASET, {**quiet, "item_temperature": 5.0},
+                                      "valid", cpu)
+    assert len(builds) == 2
+    assert np.array_equal(again[0], first[0]) and np.array_equal(again[3], first[3])  # same users, same counts
+    assert np.array_equal(again[1], alone[1]) and np.array_equal(again[2], alone[2])
+    assert not np.array_equal(again[1], first[1])  # the setting did change the ranking
 
 
 def test_two_checkpoints_of_one_model_keep_apart_in_the_tables():
