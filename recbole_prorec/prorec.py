@@ -294,10 +294,7 @@ class PRORec(SequentialRecommender):
         self.encoder_norm = nn.LayerNorm(self.hidden)
         self.decoder_norm = nn.LayerNorm(self.hidden)
         self.dropout = PRORecDropout(config["dropout_prob"])
-        # each level's K-way scores: a classifier of its own, or (tied) the level's input code embeddings
-        tied = config["tie_code_embeddings"]
-        self.head = None if tied else nn.Linear(self.hidden, self.code_len * self.K)
-        self.code_bias = nn.Parameter(torch.zeros(self.code_len * self.K)) if tied else None
+        self.head = nn.Linear(self.hidden, self.code_len * self.K)  # one K-way classifier per level
         if self.ikd_weight:
             self.ikd_proj = nn.Linear(self.hidden, self.integrated.shape[1])
         self.beam_stats: Counter = Counter()
@@ -470,7 +467,8 @@ class PRORec(SequentialRecommender):
         trie node ``nodes`` [N, T]. Shared mode: the level's K-way head. Item mode: a child that
         completes an item is scored by that item's own token, a missing child gets no probability."""
         T = states.shape[1]
-        weight, bias = (part[first_level : first_level + T] for part in self.level_classifier())
+        weight = self.head.weight.view(self.code_len, self.K, self.hidden)[first_level : first_level + T]
+        bias = self.head.bias.view(self.code_len, self.K)[first_level : first_level + T]
         logits = torch.einsum("nth,tkh->ntk", states, weight) + bias
         if not self.item_level:
             return logits
@@ -485,15 +483,6 @@ class PRORec(SequentialRecommender):
                 level = torch.where(items >= 0, own, level)
             levels.append(level)
         return torch.stack(levels, dim=1)
-
-    def level_classifier(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weights [L, K, H] and biases [L, K] of every level's K-way code scores: the head's, or with
-        ``tie_code_embeddings`` the level's own input code embeddings, so that a code is scored by
-        the same vector that represents it in histories and decoder inputs (as item tokens are)."""
-        if self.head is None:
-            codes = self.token_table()[1 : 1 + self.code_len * self.K]
-            return codes.view(self.code_len, self.K, self.hidden), self.code_bias.view(self.code_len, self.K)
-        return self.head.weight.view(self.code_len, self.K, self.hidden), self.head.bias.view(self.code_len, self.K)
 
     def _item_logits(self, states: torch.Tensor, nodes: torch.Tensor, level: int) -> torch.Tensor:
         """<state, own token> + item bias [N, K] of the items completed by each child of ``nodes``

@@ -38,8 +38,7 @@ from recbole_prorec.files import atomic_file
 
 SCHEDULES = ("constant", "inverse_sqrt", "cosine")
 # keys that change what a model's weights compute, with the value of checkpoints written before the key existed
-ARCHITECTURE_KEYS = {"last_code_token": "shared", "integrated_item_tokens": False, "history_tokens": "codes",
-                     "tie_code_embeddings": False}
+ARCHITECTURE_KEYS = {"last_code_token": "shared", "integrated_item_tokens": False, "history_tokens": "codes"}
 
 
 def trained_form(saved: Mapping[str, Any]) -> dict[str, Any]:

@@ -93,14 +93,11 @@ def test_item_history_tokens_are_the_sums_of_each_items_code_embeddings(stage2, 
 FORMS = {"item": {"integrated_item_tokens": False}, "shared": {"last_code_token": "shared"}, "integrated": {},
          "item history": {"history_tokens": "item"}, "plain likelihood": {"item_temperature": 1.0},
          "shared, temperature 0.5": {"last_code_token": "shared", "item_temperature": 0.5},
-         "integrated, no ID dropout": {"item_id_dropout": 0.0, "item_id_dropout_start": None},
-         "tied codes": {"tie_code_embeddings": True},
-         "shared, tied codes": {"last_code_token": "shared", "tie_code_embeddings": True}}
+         "integrated, no ID dropout": {"item_id_dropout": 0.0, "item_id_dropout_start": None}}
 
 
 @pytest.mark.parametrize("seed,form", [(0, "item"), (1, "item"), (0, "shared"), (1, "shared"), (0, "integrated"),
-                                       (0, "item history"), (0, "plain likelihood"), (0, "shared, temperature 0.5"),
-                                       (0, "tied codes"), (1, "shared, tied codes")])
+                                       (0, "item history"), (0, "plain likelihood"), (0, "shared, temperature 0.5")])
 def test_beam_search_is_the_brute_force_top_k(stage2, seed, form):
     """With beam_size >= n_items nothing is pruned: beams = exact top-k of all code likelihoods
     (the ranking ones, with ``item_temperature``, which ``predict`` uses too)."""
@@ -212,25 +209,6 @@ def test_ikd_gradients_reach_the_decoder(stage2):
     assert model.head.weight.grad is None or model.head.weight.grad.abs().sum() == 0
 
 
-@pytest.mark.parametrize("last_code_token", ["item", "shared"])
-def test_tied_code_scores_use_each_levels_input_code_embeddings(stage2, last_code_token):
-    """``tie_code_embeddings``: no classifier of its own; level l's score of code k is the state's
-    product with the embedding of the token that code k of level l is as an input, plus a bias."""
-    tied = randomise(make_prorec(stage2, last_code_token=last_code_token, tie_code_embeddings=True), 5, 0.1)
-    assert tied.head is None and tied.code_bias.shape == (tied.code_len * tied.K,)
-    assert make_prorec(stage2, last_code_token=last_code_token).code_bias is None
-    weight, bias = tied.level_classifier()
-    assert weight.shape == (tied.code_len, tied.K, tied.hidden) and bias.shape == (tied.code_len, tied.K)
-    codes = torch.arange(tied.K).repeat(tied.code_len, 1).T  # every code at every level
-    tokens = tied.code_tokens(codes)  # [K, L] input token ids
-    torch.testing.assert_close(weight, tied.token_table()[tokens].transpose(0, 1))
-    torch.testing.assert_close(bias, tied.code_bias.view(tied.code_len, tied.K))
-    states = torch.randn(2, tied.code_len, tied.hidden)
-    nodes = torch.zeros(2, tied.code_len, dtype=torch.long)  # the root's children at every position
-    first = tied.level_logits(states, nodes)[:, 0]  # the root's children: every first-level code
-    torch.testing.assert_close(first, states[:, 0] @ weight[0].T + bias[0])
-
-
 def test_ikd_weight_zero_turns_ikd_off(stage2):
     _, _, (train, _, _) = stage2
     model = make_prorec(stage2, ikd_weight=0.0)
@@ -274,8 +252,7 @@ def chance_loss(model: PRORec, targets: torch.Tensor) -> float:
     return total.mean().item()
 
 
-@pytest.mark.parametrize("form", ["item", "shared", "integrated", "integrated, no ID dropout", "item history",
-                                  "tied codes"])
+@pytest.mark.parametrize("form", ["item", "shared", "integrated", "integrated, no ID dropout", "item history"])
 def test_training_lowers_both_losses(stage2, form):
     _, _, (train, _, _) = stage2
     model = make_prorec(stage2, **FORMS[form])
