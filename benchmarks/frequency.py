@@ -43,6 +43,7 @@ from common import (Report, add_run_arguments, base_parser, markdown_table, pars
 BUCKETS = (0, 5, 10, 20, 50)  # lower edges of the target-frequency groups
 TOP = 20
 CUTOFFS = (10, 20)  # of the paired comparison
+PAIRED_HEADER = ["runs", "metric", "first run", "later run", "difference", "95 % interval", "p"]  # of paired_rows
 
 
 def ranks(model, loader, device) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -219,8 +220,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         users = len(next(iter(results.values()))[0])
         report.add(f"Paired differences on the same {users:,} users (difference: later run minus first; "
                    "95 % interval and p of a paired t-test):\n\n"
-                   + markdown_table(["runs", "metric", "first run", "later run", "difference", "95 % interval",
-                                     "p"], paired_rows(results)))
+                   + markdown_table(PAIRED_HEADER, paired_rows(results)))
     report.save(args.out)
     return {label: {name.lower(): float(values.mean()) for name, values in user_metrics(r[1]).items()}
             for label, r in results.items()}

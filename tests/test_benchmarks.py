@@ -420,3 +420,43 @@ def test_curves_selection_picks_each_rules_best_epoch_first_on_ties():
                       "ceiling: best pseudo-test ndcg@10": 0, "ceiling: best pseudo-test recall@10": 1}
     assert {r[0] for r in rows} == {"M"}  # a run without pseudo-test metrics has no selection rows
     assert load("curves").selection_table(records[-1:]) == ""
+
+
+def test_last_item_text_scores_items_by_cosine_to_the_last_history_item():
+    from recbole.data.interaction import Interaction
+    from types import SimpleNamespace
+
+    table = np.array([[0, 0], [1, 0], [0, 2], [3, 3], [-1, 0]], dtype=np.float32)  # row 0: padding
+    config = {"ITEM_ID_FIELD": "item_id", "LIST_SUFFIX": "_list", "ITEM_LIST_LENGTH_FIELD": "item_length"}
+    model = load("text_signal").LastItemText(table, SimpleNamespace(config=config))
+    batch = Interaction({"item_id_list": torch.tensor([[1, 2, 0], [3, 0, 0]]), "item_length": torch.tensor([2, 1])})
+    scores = model.full_sort_predict(batch)
+    assert scores.shape == (2, 5) and torch.isinf(scores[:, 0]).all() and (scores[:, 0] < 0).all()
+    # user 0's last item is 2 (direction (0, 1)); user 1's is 3 (direction (1, 1)); history items left out
+    inf = float("-inf")
+    expected = torch.tensor([[inf, inf, 2 ** -0.5, 0.0], [2 ** -0.5, 2 ** -0.5, inf, -(2 ** -0.5)]])
+    assert torch.allclose(scores[:, 1:], expected, atol=1e-6)
+
+
+def test_text_signal_quick_ranks_an_encoder_and_its_embedding_file_alike(capsys, tmp_path):
+    from recbole_prorec.prorec_din import semantic_embeddings
+    from recbole_prorec.semantic import read_item_table
+    from recbole_prorec.stage1 import stage1_config
+
+    config = stage1_config("ml-100k", [], {"semantic_cache_dir": str(tmp_path)})
+    item_file = Path(config["data_path"]) / "ml-100k.item"
+    rows = list(read_item_table(item_file)["item_id"])
+    npy = tmp_path / "minilm.npy"  # the bundled encoder's embeddings, one row per .item row
+    np.save(npy, semantic_embeddings(config, item_file, rows[::-1])[::-1])
+    result = load("text_signal").main(["--quick", "--device", "cpu", "--encoders", f"all-MiniLM-L6-v2,{npy}"])
+    text = capsys.readouterr().out
+    header, table = table_with(text, "embed s")
+    assert [r[0] for r in table] == ["all-MiniLM-L6-v2", str(npy)] and column(header, table, "dim") == [384, 384]
+    first, second = (column(header, [r], "Recall@20")[0] for r in table)
+    assert first == second and 0.02 < first < 1  # the text carries signal, read from either source
+    assert table[0][3:] == table[1][3:]
+    _, paired = table_with(text, "95 % interval")
+    assert [r[1] for r in paired] == ["Recall@10", "NDCG@10", "Recall@20", "NDCG@20"]
+    assert all(float(r[4]) == 0 and float(r[6]) == 1 for r in paired)
+    targets, ranks, _, _ = result["results"]["all-MiniLM-L6-v2"]
+    assert len(targets) == len(ranks) > 100 and ranks.min() >= 0 and (targets > 0).all()
