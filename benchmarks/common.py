@@ -439,6 +439,19 @@ def run_overrides(args: argparse.Namespace, parser: argparse.ArgumentParser, dev
     return overrides, tmp
 
 
+def encoder_settings(spec: str) -> dict[str, Any]:
+    """Config keys of one ``--encoders`` entry: a ``.npy`` file of embeddings, or a Hugging Face name or
+    local folder with an optional ``:pooling`` (``NAME:last`` for decoder LLMs)."""
+    from recbole_prorec.semantic import POOLINGS
+
+    if spec.endswith(".npy"):
+        return {"semantic_embedding_file": spec}
+    encoder, _, pooling = spec.rpartition(":")
+    if encoder and pooling in POOLINGS:
+        return {"semantic_encoder": encoder, "semantic_pooling": pooling}
+    return {"semantic_encoder": spec}
+
+
 def parse_settings(items: Sequence[str], parser: argparse.ArgumentParser, flag: str) -> dict[str, Any]:
     """``KEY=VALUE`` strings of ``flag`` as config overrides, each value parsed as YAML would."""
     settings = {}

@@ -32,8 +32,8 @@ from typing import Sequence
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (QUICK, ROOT, Report, add_run_arguments, base_parser, environment, markdown_table,  # noqa: E402
-                    run_overrides, setup)
+from common import (QUICK, ROOT, Report, add_run_arguments, base_parser, encoder_settings, environment,  # noqa: E402
+                    markdown_table, run_overrides, setup)
 from recbole_prorec.files import atomic_file  # noqa: E402
 
 OUT_DIR = ROOT / "docs" / "analysis"
@@ -328,16 +328,15 @@ def layers(args, files: Sequence[str], overrides: dict) -> dict:
 def sweep(args, files: Sequence[str], overrides: dict) -> dict:
     """Figure 9: codebook size K, quantizer and text encoder, one setting changed at a time from
     PRORec's defaults (its YAML's K, hkmeans, the bundled MiniLM)."""
-    from recbole_prorec.semantic import POOLINGS
     from recbole_prorec.stage1 import stage1_config
 
     default_k = stage1_config(args.dataset, files, overrides)["codebook_size"]
     settings = [(f"K={k}", {"codebook_size": k}) for k in (int(k) for k in args.sizes.split(","))]
     settings += [(f"quantizer {q}", {"quantizer": q}) for q in args.quantizers.split(",") if q != "hkmeans"]
     for spec in filter(None, args.encoders.split(",")):
-        encoder, _, pooling = spec.rpartition(":") if spec.rpartition(":")[2] in POOLINGS else (spec, "", "")
-        key = "semantic_embedding_file" if encoder.endswith(".npy") else "semantic_encoder"
-        settings.append((f"encoder {Path(encoder).name}", {key: encoder, **({"semantic_pooling": pooling} if pooling else {})}))
+        setting = encoder_settings(spec)
+        encoder = setting.get("semantic_encoder") or setting["semantic_embedding_file"]
+        settings.append((f"encoder {Path(encoder).name}", setting))
     rows = train_rows(args, "sweep", files, overrides, [(name, "PRORec", s) for name, s in settings])
     png = analysis_path(args, "sweep", ".png")
     png.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Report, add_run_arguments, base_parser, markdown_table, run_overrides, setup  # noqa: E402
+from common import (Report, add_run_arguments, base_parser, encoder_settings, markdown_table,  # noqa: E402
+                    run_overrides, setup)
 from frequency import PAIRED_HEADER, paired_rows, ranks, user_metrics  # noqa: E402
 
 
@@ -50,18 +51,6 @@ class LastItemText(torch.nn.Module):
         scores.scatter_(1, seq, float("-inf"))  # the history's own items
         scores[:, 0] = float("-inf")  # RecBole's padding item, also when no padding fills the history
         return scores
-
-
-def encoder_settings(spec: str) -> dict:
-    """Config keys of one ``--encoders`` entry: a ``.npy`` file, or an encoder with optional ``:pooling``."""
-    from recbole_prorec.semantic import POOLINGS
-
-    if spec.endswith(".npy"):
-        return {"semantic_embedding_file": spec}
-    encoder, _, pooling = spec.rpartition(":")
-    if pooling in POOLINGS and encoder:
-        return {"semantic_encoder": encoder, "semantic_pooling": pooling}
-    return {"semantic_encoder": spec}
 
 
 def text_ranks(run, dataset: str, files: Sequence[str], overrides: dict, split: str, device) -> tuple:

@@ -460,3 +460,11 @@ def test_text_signal_quick_ranks_an_encoder_and_its_embedding_file_alike(capsys,
     assert all(float(r[4]) == 0 and float(r[6]) == 1 for r in paired)
     targets, ranks, _, _ = result["results"]["all-MiniLM-L6-v2"]
     assert len(targets) == len(ranks) > 100 and ranks.min() >= 0 and (targets > 0).all()
+
+
+def test_encoder_settings_read_files_names_and_poolings():
+    settings = load("paper").encoder_settings  # one parser, shared by paper.py sweep and text_signal.py
+    assert settings("emb.npy") == {"semantic_embedding_file": "emb.npy"}
+    assert settings("meta-llama/Llama-2-7b-hf:last") == {"semantic_encoder": "meta-llama/Llama-2-7b-hf", "semantic_pooling": "last"}
+    assert settings("/models/all-mpnet-base-v2") == {"semantic_encoder": "/models/all-mpnet-base-v2"}
+    assert settings("C:/models/e5") == {"semantic_encoder": "C:/models/e5"}  # a colon that is not a pooling
