@@ -35,11 +35,10 @@ class LastItemText(torch.nn.Module):
     The history's own items are left out: the last item would always come first (cosine 1), and
     a ranker without training cannot learn, as the models do, how seldom an item comes again."""
 
-    def __init__(self, embeddings: np.ndarray, run) -> None:
+    def __init__(self, embeddings: np.ndarray, config) -> None:
         super().__init__()
         table = torch.nn.functional.normalize(torch.as_tensor(embeddings, dtype=torch.float32), dim=-1)
         self.register_buffer("table", table)
-        config = run.config
         self.ITEM_ID = config["ITEM_ID_FIELD"]
         self.ITEM_SEQ = self.ITEM_ID + config["LIST_SUFFIX"]
         self.ITEM_SEQ_LEN = config["ITEM_LIST_LENGTH_FIELD"]
@@ -62,7 +61,7 @@ def text_ranks(run, dataset: str, files: Sequence[str], overrides: dict, split: 
     start = time.time()
     embeddings = load_semantic(config, run.dataset)  # as Stage I reads them, row 0 (padding) zeros
     seconds = time.time() - start
-    model = LastItemText(embeddings, run).to(device)
+    model = LastItemText(embeddings, run.config).to(device)
     targets, rank, _ = ranks(model, run.valid if split == "valid" else run.test, device)
     encoder = config["semantic_embedding_file"] or config["semantic_encoder"]
     return encoder, embeddings.shape[1], seconds, (targets, rank, None, None)
@@ -83,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from recbole_prorec.build import build
     from recbole_prorec.registry import resolve_model
 
+    # any sequential model's loaders hold the histories; only their last item is read, so the length cap is moot
     run = build(resolve_model("SASRec-CE"), args.dataset, files, overrides)
     table, results = [], {}
     for spec in [s for s in args.encoders.split(",") if s] or [None]:
@@ -91,11 +91,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         results[encoder] = result
         metrics = {name: values.mean() for name, values in user_metrics(result[1]).items()}
         table.append([encoder, dim, f"{seconds:.1f}", *(f"{v:.4f}" for v in metrics.values())])
+    header = ["encoder", "dim", "embed s", *metrics]
     report = Report(f"Next item from the last item's text, {args.dataset} ({args.split} split)",
                     command)
     report.add(f"{len(next(iter(results.values()))[0])} users; every item not in the history ranked by its text's "
                "cosine to the history's last item (RecBole's split and full ranking); seconds: embedding (a cache hit is near 0).")
-    report.add(markdown_table(["encoder", "dim", "embed s", *user_metrics(np.zeros(1)).keys()], table))
+    report.add(markdown_table(header, table))
     if len(results) > 1:
         report.add("Paired against the first encoder on the same users (difference: later minus first; 95 % "
                    "interval and p of a paired t-test):\n\n" + markdown_table(PAIRED_HEADER, paired_rows(results)))

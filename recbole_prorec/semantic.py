@@ -278,7 +278,9 @@ def item_semantic_embeddings(
 
     A precomputed ``embedding_file`` holds one row per row of the ``.item`` file, in that order
     (users cannot know RecBole's internal ids); rows are picked for ``item_tokens``.
-    Tokens missing from the item file (e.g. RecBole's ``[PAD]``) are treated as empty items.
+    Encoding texts, tokens missing from the item file are treated as empty items; an embedding file has
+    rows for ``.item`` rows only, so a missing token (RecBole's ``[PAD]`` too) is an error naming it:
+    callers pass real items (``prorec_din.load_semantic`` adds the padding row itself).
     """
     start = time.time()
     table = read_item_table(Path(item_file), id_field)

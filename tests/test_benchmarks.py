@@ -424,11 +424,10 @@ def test_curves_selection_picks_each_rules_best_epoch_first_on_ties():
 
 def test_last_item_text_scores_items_by_cosine_to_the_last_history_item():
     from recbole.data.interaction import Interaction
-    from types import SimpleNamespace
 
     table = np.array([[0, 0], [1, 0], [0, 2], [3, 3], [-1, 0]], dtype=np.float32)  # row 0: padding
     config = {"ITEM_ID_FIELD": "item_id", "LIST_SUFFIX": "_list", "ITEM_LIST_LENGTH_FIELD": "item_length"}
-    model = load("text_signal").LastItemText(table, SimpleNamespace(config=config))
+    model = load("text_signal").LastItemText(table, config)
     batch = Interaction({"item_id_list": torch.tensor([[1, 2, 0], [3, 0, 0]]), "item_length": torch.tensor([2, 1])})
     scores = model.full_sort_predict(batch)
     assert scores.shape == (2, 5) and torch.isinf(scores[:, 0]).all() and (scores[:, 0] < 0).all()
